@@ -1,0 +1,93 @@
+"""The four Skip-DiT-capable families and how to tell them apart by their keys.
+
+| family     | class     | checkpoints                                                    |
+|------------|-----------|----------------------------------------------------------------|
+| dit        | DiT       | DiT-XL-2-{256,512}.pt, DiT-XL-2-skip.pt                        |
+| latte      | Latte     | ffs / sky / taichi / ucf101 (+ `-skip`) class & uncond. video  |
+| latte_t2v  | LatteT2V  | Latte-1 (diffusers layout), Latte-skip.pt                      |
+| hunyuan    | HunyuanDiT| Hunyuan-DiT v1.0-v1.2 (Tencent layout; diffusers layout mapped)|
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+from torch import nn
+
+from . import dit, hunyuan, latte, latte_t2v
+from .dit import DiT, DiTConfig
+from .hunyuan import HunyuanDiT, HunyuanDiTConfig
+from .latte import Latte, LatteConfig
+from .latte_t2v import LatteT2V, LatteT2VConfig
+from .ustack import StackCut, UStack
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_cls: type
+    config_cls: type
+    presets: dict
+    config_from_state_dict: Callable[[dict], object]
+    description: str
+
+
+FAMILIES: dict[str, Family] = {
+    "dit": Family("dit", DiT, DiTConfig, dit.DIT_PRESETS, dit.config_from_state_dict, "DiT class-to-image"),
+    "latte": Family(
+        "latte", Latte, LatteConfig, latte.LATTE_PRESETS, latte.config_from_state_dict,
+        "Latte class-conditional / unconditional video",
+    ),
+    "latte_t2v": Family(
+        "latte_t2v", LatteT2V, LatteT2VConfig, latte_t2v.LATTE_T2V_PRESETS, latte_t2v.config_from_state_dict,
+        "Latte text-to-video",
+    ),
+    "hunyuan": Family(
+        "hunyuan", HunyuanDiT, HunyuanDiTConfig, hunyuan.HUNYUAN_PRESETS, hunyuan.config_from_state_dict,
+        "Hunyuan-DiT text-to-image",
+    ),
+}
+
+# Keys whose presence identifies a family, most specific first.
+_SIGNATURES = [
+    ("hunyuan", ("mlp_t5.0.weight",)),
+    ("latte_t2v", ("temporal_transformer_blocks.0.attn1.to_q.weight",)),
+    ("latte", ("blocks.0.attn.qkv.weight", "temp_embed")),
+    ("dit", ("blocks.0.attn.qkv.weight",)),
+]
+
+
+def identify_family(sd: dict) -> Optional[str]:
+    """The family whose signature keys are all in the (Tencent / original layout) state dict."""
+    for name, keys in _SIGNATURES:
+        if all(k in sd for k in keys):
+            return name
+    return None
+
+
+def make_config(family: str, overrides: Optional[dict] = None, preset: Optional[str] = None, base=None):
+    """A config of `family` from a preset name or a detected config, with field overrides."""
+    fam = FAMILIES[family]
+    values = {}
+    if base is not None:
+        values.update({f.name: getattr(base, f.name) for f in fields(base)})
+    if preset is not None:
+        if preset not in fam.presets:
+            raise ValueError(f"unknown {family} preset {preset!r}; known: {', '.join(fam.presets)}")
+        values.update(fam.presets[preset])
+    known = {f.name for f in fields(fam.config_cls)}
+    for key in overrides or {}:
+        if key not in known:
+            raise ValueError(f"{fam.config_cls.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
+    values.update(overrides or {})
+    return fam.config_cls(**values)
+
+
+def build_model(family: str, config) -> nn.Module:
+    return FAMILIES[family].model_cls(config)
+
+
+__all__ = [
+    "FAMILIES", "Family", "identify_family", "make_config", "build_model", "StackCut", "UStack",
+    "DiT", "DiTConfig", "Latte", "LatteConfig", "LatteT2V", "LatteT2VConfig", "HunyuanDiT", "HunyuanDiTConfig",
+]

@@ -1,0 +1,138 @@
+"""The U-shaped stack shared by every family: long skip branches and the cache cut point.
+
+A model is a stack of L *units* (a block, or a (spatial, temporal) block pair for Latte).
+With S long skips, units 0..S-1 push their output, and unit i in L-S..L-1 receives the
+output of unit L-1-i (U-Net pairing: the deepest shallow output meets the first deep unit).
+A receiving unit's input becomes `Linear(LayerNorm(concat([hidden, skip])))`: the fusion
+replaces the hidden state, it is not added to it.
+
+Skip-Cache needs one more thing of the stack, and it is the same for every family: a run
+that is cut at depth k. A full run remembers the hidden state at the input of unit L-k
+(before that unit fuses its skip); a cached run executes only units [0, k) and [L-k, L),
+resuming from the remembered state. `StackCut` carries that state; the rule deciding when a
+step is full or cached lives in `skipdit_core.skip_cache`, not here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .layers import fp32_layer_norm
+
+
+def fuse_skip(hidden: torch.Tensor, skip: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """The skip branch: Linear(LayerNorm(concat([hidden, skip], -1))), LayerNorm in float32.
+
+    hidden, skip: (N, T, D) -> (N, T, D).
+    """
+    x = fp32_layer_norm(torch.cat([hidden, skip], dim=-1), norm)
+    return linear(x.to(linear.weight.dtype))
+
+
+class SkipLinear(nn.Module):
+    """Holds the skip projection as `.linear`, the key layout of the Skip-DiT checkpoints
+    (`skip_linears.i.linear.weight`)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class SkipBranchesMixin:
+    """Adds the Skip-DiT skip branches as top-level lists, `skip_norms.i` and
+    `skip_linears.i.linear`: the key layout of the released Skip-DiT checkpoints.
+    Branch j serves the j-th receiving unit (unit L-S+j)."""
+
+    def add_skip_branches(self, num_skips: int, hidden_size: int) -> None:
+        self.skip_norms = nn.ModuleList(
+            [nn.LayerNorm(2 * hidden_size, elementwise_affine=True, eps=1e-6) for _ in range(num_skips)]
+        )
+        self.skip_linears = nn.ModuleList([SkipLinear(hidden_size) for _ in range(num_skips)])
+
+    def fuse(self, j: int, hidden: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return fuse_skip(hidden, skip, self.skip_norms[j], self.skip_linears[j].linear)
+
+
+@dataclass
+class StackCut:
+    """Where and how a run is cut for Skip-Cache.
+
+    depth: k, the number of units recomputed at each end (1 <= k <= number of skips).
+    cached: None for a full run (which fills `captured`), or the remembered deep state
+        (shape of the hidden state) for a cached run.
+    """
+
+    depth: int
+    cached: Optional[torch.Tensor] = None
+    captured: Optional[torch.Tensor] = None
+
+
+class UStack:
+    """The U-Net pairing of L units with S long skips, and the loop that runs them."""
+
+    def __init__(self, num_units: int, num_skips: int):
+        if not 0 <= 2 * num_skips <= num_units:
+            raise ValueError(f"a stack of {num_units} units cannot hold {num_skips} long skips")
+        self.num_units = num_units
+        self.num_skips = num_skips
+
+    @property
+    def receivers(self) -> range:
+        return range(self.num_units - self.num_skips, self.num_units)
+
+    def source_of(self, unit: int) -> Optional[int]:
+        """The unit whose output reaches `unit`'s input, or None."""
+        return self.num_units - 1 - unit if unit in self.receivers else None
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(source, receiver) for every long skip, in the order the receivers run."""
+        return [(self.source_of(r), r) for r in self.receivers]
+
+    def units_run(self, cut: Optional[StackCut]) -> list[int]:
+        """The units executed by a run with this cut."""
+        L = self.num_units
+        if cut is None or cut.cached is None:
+            return list(range(L))
+        return [*range(cut.depth), *range(L - cut.depth, L)]
+
+    def check_depth(self, depth: int) -> None:
+        if self.num_skips == 0:
+            raise ValueError("this model has no long skips, so Skip-Cache cannot cut it")
+        if not 1 <= depth <= self.num_skips:
+            raise ValueError(f"cache depth must be in 1..{self.num_skips} for this model, got {depth}")
+
+    def run(
+        self,
+        h: torch.Tensor,
+        run_unit: Callable[[int, torch.Tensor], torch.Tensor],
+        fuse: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        cut: Optional[StackCut] = None,
+    ) -> torch.Tensor:
+        """Run the units over `h`.
+
+        run_unit(i, h) -> h runs unit i; fuse(j, h, skip) -> h applies skip branch j
+        (j = receiver - (L - S)). Returns the output of the last unit.
+        """
+        L, S = self.num_units, self.num_skips
+        if cut is not None:
+            self.check_depth(cut.depth)
+        cut_at = None if cut is None else L - cut.depth
+        pushed: dict[int, torch.Tensor] = {}
+        for i in self.units_run(cut):
+            if i == cut_at:
+                if cut.cached is None:
+                    cut.captured = h
+                else:
+                    h = cut.cached
+            if i >= L - S:
+                h = fuse(i - (L - S), h, pushed.pop(L - 1 - i))
+            h = run_unit(i, h)
+            if i < S:
+                pushed[i] = h
+        return h

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_dit_weights, sincos_2d, unpatchify
+from .layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_dit_weights, sincos_grid, unpatchify
 from .ustack import SkipBranchesMixin, StackCut, UStack
 
 
@@ -60,7 +60,7 @@ class DiT(SkipBranchesMixin, nn.Module):
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         grid = c.input_size // c.patch_size
-        self.pos_embed = nn.Parameter(sincos_2d(c.hidden_size, grid, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_grid(c.hidden_size, grid, grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
         if c.skip:
             self.add_skip_branches(c.num_skips, c.hidden_size)
@@ -83,7 +83,7 @@ class DiT(SkipBranchesMixin, nn.Module):
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         if self.pos_embed.shape[1] == h * w and h == w:
             return self.pos_embed
-        return sincos_2d(self.config.hidden_size, h, w)[None].to(self.pos_embed.device)
+        return sincos_grid(self.config.hidden_size, h, w)[None].to(self.pos_embed.device)
 
 
 # Head counts are not stored in the weights; these are the published widths' counts.

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from .layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_dit_weights, sincos_1d, sincos_2d, unpatchify
+from .layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_dit_weights, sincos_1d, sincos_grid, unpatchify
 from .dit import dit_core_fields
 from .ustack import SkipBranchesMixin, StackCut, UStack
 
@@ -75,7 +75,7 @@ class Latte(SkipBranchesMixin, nn.Module):
         if c.num_classes > 0:
             self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         grid = c.input_size // c.patch_size
-        self.pos_embed = nn.Parameter(sincos_2d(c.hidden_size, grid, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_grid(c.hidden_size, grid, grid)[None], requires_grad=False)
         self.temp_embed = nn.Parameter(
             sincos_1d(c.hidden_size, torch.arange(c.num_frames))[None], requires_grad=False
         )
@@ -123,7 +123,7 @@ class Latte(SkipBranchesMixin, nn.Module):
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         if self.pos_embed.shape[1] == h * w and h == w:
             return self.pos_embed
-        return sincos_2d(self.config.hidden_size, h, w)[None].to(self.pos_embed.device)
+        return sincos_grid(self.config.hidden_size, h, w)[None].to(self.pos_embed.device)
 
     def _temp_embed(self, frames: int) -> torch.Tensor:
         if frames <= self.temp_embed.shape[1]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .layers import PatchEmbed, sincos_1d, timestep_embedding, unpatchify
+from .layers import PatchEmbed, sincos_1d, sincos_2d, timestep_embedding, unpatchify
 from .ustack import SkipBranchesMixin, StackCut, UStack
 
 
@@ -81,8 +81,7 @@ def latte_pos_embed(dim: int, grid_h: int, grid_w: int, base_size: int, interpol
     """
     rows = torch.arange(grid_h, dtype=torch.float32) / (grid_h / base_size) / interpolation_scale
     cols = torch.arange(grid_w, dtype=torch.float32) / (grid_w / base_size) / interpolation_scale
-    row_idx, col_idx = torch.meshgrid(rows, cols, indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, col_idx), sincos_1d(dim // 2, row_idx)], dim=1)
+    return sincos_2d(dim, rows, cols)
 
 
 class TimestepMLP(nn.Module):

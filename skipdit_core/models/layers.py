@@ -37,16 +37,17 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int, scale: float = 1.0) -> torch.Tensor:
-    """Fixed 2-D sin-cos table in the MAE layout, (grid_h * grid_w, dim) float32.
-
-    The first dim/2 channels encode the column index, the last dim/2 the row index; tokens are
-    row-major. `scale` divides the positions (diffusers' `interpolation_scale` / base size).
-    """
-    rows = torch.arange(grid_h, dtype=torch.float64) / scale
-    cols = torch.arange(grid_w, dtype=torch.float64) / scale
+def sincos_2d(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Fixed 2-D sin-cos table in the MAE layout for a grid with row positions `rows` (h,) and
+    column positions `cols` (w,): (h * w, dim) float32, tokens row-major. The first dim/2
+    channels encode the column, the last dim/2 the row."""
     row_idx, col_idx = torch.meshgrid(rows, cols, indexing="ij")
     return torch.cat([sincos_1d(dim // 2, col_idx), sincos_1d(dim // 2, row_idx)], dim=1)
+
+
+def sincos_grid(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """`sincos_2d` at integer positions (DiT's and Latte's stored `pos_embed`)."""
+    return sincos_2d(dim, torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64))
 
 
 class TimestepEmbedder(nn.Module):

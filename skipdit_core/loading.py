@@ -283,6 +283,7 @@ def save_safetensors(state_dict: dict, dst: str | os.PathLike, family: str, conf
         for k, v in state_dict.items()
     }
     metadata = {META_FAMILY: family, META_CONFIG: json.dumps(asdict(config)), "format": "pt"}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     tmp = f"{dst}.tmp"
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, dst)

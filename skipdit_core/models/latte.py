@@ -64,6 +64,7 @@ class Latte(SkipBranchesMixin, nn.Module):
     """
 
     family = "latte"
+    blocks_per_unit = 2  # a unit of the stack is a (spatial, temporal) pair
 
     def __init__(self, config: LatteConfig):
         super().__init__()

@@ -238,6 +238,7 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
     """
 
     family = "latte_t2v"
+    blocks_per_unit = 2  # a unit of the stack is a (spatial, temporal) pair
 
     def __init__(self, config: LatteT2VConfig):
         super().__init__()

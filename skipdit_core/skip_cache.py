@@ -1,0 +1,180 @@
+"""Skip-Cache: the one rule deciding, at each denoising step, whether a Skip-DiT runs in full or
+only its first and last k units, reusing the deep state of the last full step.
+
+The mechanism (cutting a run at depth k) is `models.ustack.UStack`; this module holds the rule
+and the per-run state, the same for every family (it reproduces the authors' released code):
+
+- A step is **full** when there is no cache, when the step counter is a multiple of the interval
+  n, or when the timestep is at or above the window's start; a full step refreshes the cache.
+- Otherwise the step is **cached**: units [0, k) and [L-k, L) run, fed the remembered state.
+- The counter advances once per denoising step (one model call: with classifier-free guidance
+  both halves are one batch, so they share one decision and one cache entry). It counts from
+  the first step, not from the window's start.
+- After a step whose timestep is at or below the window's end, the cache is dropped and the
+  counter reset, so every later step is full (the first such step may still be cached).
+- n = 1 never caches: outputs are identical to the uncached model.
+
+Timesteps are the training timesteps 0..1000 the model sees. The window is `start -> end`
+(the paper's 700 -> 50). The percent form counts sampling progress: 0% is t = 1000, 100% is
+t = 0, so 700 -> 50 is 30% -> 95%.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .models.ustack import StackCut, UStack
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class SkipCacheConfig:
+    """interval: n (1 = off); start/end: the window in training timesteps; depth: k units
+    (blocks, or (spatial, temporal) pairs for Latte) recomputed at each end."""
+
+    interval: int = 2
+    start: float = 700.0
+    end: float = 50.0
+    depth: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"Skip-Cache interval n must be an integer >= 1 (1 = no caching), got {self.interval!r}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"Skip-Cache depth k must be an integer >= 1, got {self.depth!r}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not 0 <= value <= NUM_TRAIN_TIMESTEPS:
+                raise ValueError(f"Skip-Cache {name} must be a timestep in 0..{NUM_TRAIN_TIMESTEPS}, got {value}")
+        if self.start <= self.end:
+            raise ValueError(
+                f"Skip-Cache window start ({self.start}) must be above its end ({self.end}): "
+                "denoising runs from t=1000 down to 0, and caching happens between them"
+            )
+
+    @classmethod
+    def from_percent(cls, start_percent: float, end_percent: float, interval: int = 2, depth: int = 1):
+        """The window as sampling progress in 0..1: 0.3 -> 0.95 is the paper's 700 -> 50."""
+        for name, p in (("start", start_percent), ("end", end_percent)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"Skip-Cache {name} percent must be in 0..1, got {p}")
+        to_t = lambda p: round(NUM_TRAIN_TIMESTEPS * (1.0 - p), 6)  # noqa: E731
+        return cls(interval=interval, start=to_t(start_percent), end=to_t(end_percent), depth=depth)
+
+    def check_model(self, stack: UStack) -> None:
+        """Raise a clear error if this depth does not fit the model's long skips."""
+        if stack.num_skips == 0:
+            raise ValueError("Skip-Cache needs a model with long skips (a Skip-DiT or Hunyuan-DiT); this one has none")
+        if self.depth > stack.num_skips:
+            raise ValueError(
+                f"Skip-Cache depth k={self.depth} is out of range for this model: it has {stack.num_skips} long skips, "
+                f"so k must be in 1..{stack.num_skips}"
+            )
+
+
+# The authors' settings per family (window and depth; n is the user's choice, 2 by default).
+AUTHORS_SETTINGS = {
+    "latte_t2v": SkipCacheConfig(start=700, end=50, depth=1),
+    "latte": SkipCacheConfig(start=900, end=50, depth=1),
+    "dit": SkipCacheConfig(start=1000, end=20, depth=4),
+    "hunyuan": SkipCacheConfig(start=700, end=50, depth=1),
+}
+
+
+@dataclass
+class SkipCacheStats:
+    full_steps: int = 0
+    cached_steps: int = 0
+    blocks_run: int = 0  # blocks executed over the run
+    blocks_uncached: int = 0  # blocks an uncached run executes
+    schedule: list = field(default_factory=list)  # "F" / "C" per step
+
+    @property
+    def steps(self) -> int:
+        return self.full_steps + self.cached_steps
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.cached_steps / self.steps if self.steps else 0.0
+
+    def speedup_bound(self, depth: int, num_units: int) -> float:
+        """1 / ((1 - f) + f * c), c = 2k / L: the speedup if only the blocks cost time."""
+        c = 2 * depth / num_units
+        f = self.cached_fraction
+        return 1.0 / ((1.0 - f) + f * c)
+
+    def summary(self) -> str:
+        return (
+            f"{self.full_steps} full, {self.cached_steps} cached of {self.steps} steps; "
+            f"{self.blocks_run} of {self.blocks_uncached} blocks run"
+        )
+
+
+class SkipCacheRun:
+    """The state of one sampling run: the cache, the step counter, the statistics.
+
+    Make one per run (two runs never share a cache). Per denoising step:
+        cut = run.begin_step(t)          # None (no cut: n = 1) or a StackCut
+        out = model(..., cut=cut)
+        run.end_step(cut)
+    """
+
+    def __init__(self, config: SkipCacheConfig, stack: UStack, blocks_per_unit: int = 1):
+        config.check_model(stack)
+        self.config = config
+        self.stack = stack
+        self.blocks_per_unit = blocks_per_unit
+        self.cache: Optional[torch.Tensor] = None
+        self.counter = 0
+        self._t = float(NUM_TRAIN_TIMESTEPS)
+        self.stats = SkipCacheStats()
+
+    @classmethod
+    def for_model(cls, config: SkipCacheConfig, model) -> "SkipCacheRun":
+        return cls(config, model.stack, getattr(model, "blocks_per_unit", 1))
+
+    def begin_step(self, t) -> Optional[StackCut]:
+        """Decide the step at timestep t (a number or a (B,) tensor of equal values): returns
+        None (n = 1: no cut), a capturing StackCut (full step) or a cached StackCut."""
+        self._t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        cfg = self.config
+        cached = (
+            cfg.interval > 1
+            and self.cache is not None
+            and self.counter % cfg.interval != 0
+            and self._t < cfg.start
+        )
+        self.counter += 1
+        units = 2 * cfg.depth if cached else self.stack.num_units
+        self.stats.blocks_run += units * self.blocks_per_unit
+        self.stats.blocks_uncached += self.stack.num_units * self.blocks_per_unit
+        self.stats.schedule.append("C" if cached else "F")
+        if cached:
+            self.stats.cached_steps += 1
+            return StackCut(cfg.depth, cached=self.cache)
+        self.stats.full_steps += 1
+        return StackCut(cfg.depth) if cfg.interval > 1 else None
+
+    def end_step(self, cut: Optional[StackCut]) -> None:
+        """After the model call: keep a full step's deep state; past the window, drop it."""
+        if cut is not None and cut.cached is None:
+            self.cache = cut.captured
+        if self._t <= self.config.end:
+            self.cache, self.counter = None, 0
+
+    def speedup_bound(self) -> float:
+        return self.stats.speedup_bound(self.config.depth, self.stack.num_units)
+
+
+def simulate(config: SkipCacheConfig, timesteps: Sequence[float], num_units: int = 28, num_skips: int = 14) -> SkipCacheStats:
+    """The full/cached schedule a run over `timesteps` gets, without a model (the same rule)."""
+    run = SkipCacheRun(config, UStack(num_units, num_skips))
+    for t in timesteps:
+        cut = run.begin_step(t)
+        if cut is not None and cut.cached is None:
+            cut.captured = torch.empty(0)  # stands in for the deep state a full step remembers
+        run.end_step(cut)
+    return run.stats

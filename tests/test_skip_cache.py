@@ -1,0 +1,208 @@
+"""Skip-Cache: the rule, its schedule, and its effect on real (tiny) models of every family."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import randomize
+
+from skipdit_core.models import make_config, build_model
+from skipdit_core.models.ustack import UStack
+from skipdit_core.skip_cache import AUTHORS_SETTINGS, SkipCacheConfig, SkipCacheRun, simulate
+
+
+def tiny(family: str, **overrides):
+    preset = {"dit": "DiT-tiny", "latte": "Latte-tiny", "latte_t2v": "Latte-T2V-tiny", "hunyuan": "HunyuanDiT-tiny"}[family]
+    skip = {} if family == "hunyuan" else {"skip": True}
+    torch.manual_seed(0)
+    return randomize(build_model(family, make_config(family, {**skip, **overrides}, preset=preset)), seed=1).eval()
+
+
+def inputs(family: str, model, batch: int = 2):
+    g = torch.Generator().manual_seed(2)
+    c = model.config
+    if family == "dit":
+        return dict(x=torch.randn(batch, 4, 8, 8, generator=g), y=torch.tensor([1, c.num_classes])[:batch])
+    if family == "latte":
+        return dict(x=torch.randn(batch, 3, 4, 8, 8, generator=g), y=torch.tensor([1, c.num_classes])[:batch])
+    if family == "latte_t2v":
+        return dict(
+            x=torch.randn(batch, 4, 3, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(batch, 5, c.caption_channels, generator=g),
+        )
+    return dict(
+        x=torch.randn(batch, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, c.text_len, c.text_states_dim, generator=g),
+        text_embedding_mask=torch.ones(batch, c.text_len, dtype=torch.long),
+        encoder_hidden_states_t5=torch.randn(batch, c.text_len_t5, c.text_states_dim_t5, generator=g),
+        text_embedding_mask_t5=torch.ones(batch, c.text_len_t5, dtype=torch.long),
+        image_meta_size=torch.tensor([[64.0, 64, 64, 64, 0, 0]] * batch),
+    )
+
+
+FAMILIES = ["dit", "latte", "latte_t2v", "hunyuan"]
+TIMESTEPS = [980, 900, 800, 700, 600, 500, 400, 300, 200, 100, 40, 0]
+
+
+def run_loop(model, inp, config=None, timesteps=TIMESTEPS, record=None):
+    """A toy denoising loop: the model output (first input channels) nudges x at each step."""
+    x = inp["x"].clone()
+    rest = {k: v for k, v in inp.items() if k != "x"}
+    run = SkipCacheRun.for_model(config, model) if config else None
+    with torch.no_grad():
+        for t in timesteps:
+            cut = run.begin_step(t) if run else None
+            out = model(x, torch.full((x.shape[0],), float(t)), **rest, cut=cut)
+            if run:
+                run.end_step(cut)
+            channel_dim = 2 if model.family == "latte" else 1
+            x = x - 0.1 * out.narrow(channel_dim, 0, x.shape[channel_dim])
+    return x, run
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_interval_one_is_bit_identical(family):
+    model = tiny(family)
+    inp = inputs(family, model)
+    plain, _ = run_loop(model, inp)
+    same, run = run_loop(model, inp, SkipCacheConfig(interval=1, start=1000, end=0))
+    assert torch.equal(plain, same)
+    assert run.stats.cached_steps == 0 and run.stats.full_steps == len(TIMESTEPS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_steps_run_only_the_end_units(family):
+    model = tiny(family)
+    inp = inputs(family, model)
+    blocks = model.blocks if family in ("dit", "hunyuan") else None
+    calls = []
+    if family == "latte_t2v":
+        for i, b in enumerate(model.transformer_blocks):
+            b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    elif family == "latte":
+        for i, b in enumerate(model.blocks[0::2]):  # spatial block of pair i
+            b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    else:
+        for i, b in enumerate(blocks):
+            b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    L = model.stack.num_units
+    k = 1
+    per_step = []
+    config = SkipCacheConfig(interval=2, start=1000, end=0, depth=k)
+    run = SkipCacheRun.for_model(config, model)
+    x = inp["x"]
+    rest = {kk: v for kk, v in inp.items() if kk != "x"}
+    with torch.no_grad():
+        for t in (900, 800, 700, 600):
+            calls.clear()
+            cut = run.begin_step(t)
+            model(x, torch.full((x.shape[0],), float(t)), **rest, cut=cut)
+            run.end_step(cut)
+            per_step.append(list(calls))
+    assert run.stats.schedule == ["F", "C", "F", "C"]
+    assert per_step[0] == list(range(L)) and per_step[2] == list(range(L))
+    assert per_step[1] == per_step[3] == [*range(k), *range(L - k, L)]
+    bpu = getattr(model, "blocks_per_unit", 1)
+    assert run.stats.blocks_run == (2 * L + 2 * 2 * k) * bpu
+    assert run.stats.blocks_uncached == 4 * L * bpu
+
+
+def test_cached_step_fuses_fresh_shallow_outputs_with_the_cached_state():
+    """With the same inputs twice, a cached step reproduces the full step exactly: the deep state
+    it reuses is the one the full step computed, and the shallow units are recomputed."""
+    model = tiny("dit", depth=6)
+    inp = inputs("dit", model)
+    run = SkipCacheRun.for_model(SkipCacheConfig(interval=2, start=1000, end=0, depth=2), model)
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        cut = run.begin_step(500)
+        full = model(inp["x"], t, inp["y"], cut=cut)
+        run.end_step(cut)
+        cut = run.begin_step(500)
+        assert cut.cached is not None
+        cached = model(inp["x"], t, inp["y"], cut=cut)
+        # a different shallow input changes the cached step's output: the shallow path is live
+        cut2 = run.begin_step(500)  # counter 2: full again
+        assert cut2.cached is None
+    assert torch.equal(full, cached)
+
+
+def test_state_does_not_leak_between_runs():
+    model = tiny("dit")
+    inp = inputs("dit", model)
+    config = SkipCacheConfig(interval=3, start=1000, end=0)
+    first, run1 = run_loop(model, inp, config)
+    other = dict(inp, x=torch.randn_like(inp["x"]))
+    run_loop(model, other, config)
+    again, run2 = run_loop(model, inp, config)
+    assert torch.equal(first, again)
+    assert run1.stats.schedule == run2.stats.schedule and run1.stats.cached_steps > 0
+
+
+def test_window_schedule_and_reset():
+    stats = simulate(SkipCacheConfig(interval=2, start=700, end=50), TIMESTEPS)
+    # full at t >= 700; the counter counts from the first step, so 600 (step 4) is full;
+    # 40 (step 10, counter even) is full and resets; 0 is full after the reset.
+    assert "".join(stats.schedule) == "FFFFF" + "CFCFC" + "FF"
+    assert (stats.full_steps, stats.cached_steps) == (9, 3)
+    assert stats.speedup_bound(1, 28) == pytest.approx(1 / (9 / 12 + 3 / 12 * 2 / 28))
+
+
+def test_first_step_past_the_end_may_be_cached_then_all_full():
+    stats = simulate(SkipCacheConfig(interval=2, start=700, end=50), [800, 600, 45, 40, 30, 20])
+    assert "".join(stats.schedule) == "FCFFFF"
+    stats = simulate(SkipCacheConfig(interval=3, start=700, end=50), [800, 600, 45, 40, 30, 20])
+    assert "".join(stats.schedule) == "FCCFFF"  # 45 is cached, then the reset
+
+
+# The timesteps the authors' samplers give the model (skip-cache.md; their released code):
+T2V_DDIM50 = [20 * (49 - i) for i in range(50)]  # diffusers DDIM, "leading", offset 0
+DDPM250 = [round(i * 999 / 249) for i in range(250)][::-1]  # improved-diffusion respacing
+HUNYUAN_DDPM100 = [10 * (99 - i) + 1 for i in range(100)]  # diffusers DDPM, "leading", offset 1
+
+
+@pytest.mark.parametrize(
+    "timesteps,config,units,skips,expected",
+    [
+        (T2V_DDIM50, AUTHORS_SETTINGS["latte_t2v"], 28, 14, {2: (33, 17), 3: (28, 22), 4: (25, 25)}),
+        (DDPM250, AUTHORS_SETTINGS["latte"], 14, 7, {2: (143, 107), 3: (108, 142), 4: (90, 160), 5: (80, 170), 6: (72, 178)}),
+        (DDPM250, AUTHORS_SETTINGS["dit"], 28, 14, {2: (128, 122), 3: (87, 163), 4: (67, 183), 5: (54, 196), 6: (46, 204)}),
+        (HUNYUAN_DDPM100, AUTHORS_SETTINGS["hunyuan"], 40, 19, {2: (67, 33), 3: (56, 44), 4: (50, 50)}),
+    ],
+    ids=["latte_t2v-ddim50", "latte-ddpm250", "dit-ddpm250", "hunyuan-ddpm100"],
+)
+def test_authors_schedules(timesteps, config, units, skips, expected):
+    """Full/cached counts of the authors' code (the paper reports 33/17 and 143/107 for n = 2)."""
+    for n, counts in expected.items():
+        stats = simulate(replace(config, interval=n), timesteps, units, skips)
+        assert (stats.full_steps, stats.cached_steps) == counts, n
+
+
+def test_percent_form():
+    c = SkipCacheConfig.from_percent(0.3, 0.95, interval=3, depth=2)
+    assert (c.start, c.end, c.interval, c.depth) == (700, 50, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(interval=0), "interval n must be an integer >= 1"),
+        (dict(interval=2.5), "interval n must be an integer >= 1"),
+        (dict(depth=0), "depth k must be an integer >= 1"),
+        (dict(start=50, end=700), "must be above its end"),
+        (dict(start=1200), "start must be a timestep in 0..1000"),
+    ],
+)
+def test_invalid_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SkipCacheConfig(**kwargs)
+
+
+def test_depth_out_of_range_and_vanilla_models():
+    with pytest.raises(ValueError, match=r"k=15 is out of range for this model: it has 14 long skips, so k must be in 1..14"):
+        SkipCacheRun(SkipCacheConfig(depth=15), UStack(28, 14))
+    with pytest.raises(ValueError, match="needs a model with long skips"):
+        SkipCacheRun(SkipCacheConfig(), UStack(28, 0))
+    with pytest.raises(ValueError, match="percent must be in 0..1"):
+        SkipCacheConfig.from_percent(30, 95)

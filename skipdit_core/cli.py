@@ -61,6 +61,167 @@ def cmd_new(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- sample / bench
+
+VAE_SCALE = {"dit": 0.18215, "latte": 0.18215, "latte_t2v": 0.18215, "hunyuan": 0.13025}
+
+
+def _cache_config(args, family, interval):
+    from .skip_cache import AUTHORS_SETTINGS, SkipCacheConfig
+
+    base = AUTHORS_SETTINGS[family]
+    depth = args.cache_depth or base.depth
+    if args.cache_start_percent is not None or args.cache_end_percent is not None:
+        return SkipCacheConfig.from_percent(
+            args.cache_start_percent if args.cache_start_percent is not None else 0.3,
+            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth)
+    start = args.cache_start if args.cache_start is not None else base.start
+    end = args.cache_end if args.cache_end is not None else base.end
+    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth)
+
+
+def _request(args, model, family):
+    from .pipeline import Request
+
+    text = {}
+    if args.text_embeddings:
+        from safetensors.torch import load_file
+
+        text = load_file(args.text_embeddings)
+    c = model.config
+    size = args.size or getattr(c, "input_size", None) or getattr(c, "sample_size", 32)
+    frames = args.frames or getattr(c, "num_frames", None) or getattr(c, "video_length", 16)
+    return Request(family, label=args.label, text=text, frames=frames, size=size, sampler=args.sampler,
+                   steps=args.steps, guidance=args.guidance, seed=args.seed)
+
+
+def _load(args):
+    from .loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
+
+
+def _pixels(args, family, model, sample):
+    """Decoded frames (F, C, H, W) in [-1, 1], or None for a latent model without a VAE."""
+    from .pipeline import to_frames
+
+    frames = to_frames(family, sample)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(frames.device)
+        with torch.no_grad():
+            return torch.cat([vae.decode(f[None] / VAE_SCALE[family]).sample for f in frames]).float()
+    if model.config.in_channels in (1, 3):  # pixel-space model
+        return frames
+    return None
+
+
+class _Progress:
+    def __init__(self, label):
+        from tqdm import tqdm
+
+        self.tqdm, self.label, self.bar = tqdm, label, None
+
+    def __call__(self, i, total, t):
+        if self.bar is None:
+            self.bar = self.tqdm(total=total, desc=self.label, leave=False, file=sys.stderr)
+        self.bar.update(1)
+        if i + 1 == total:
+            self.bar.close()
+
+
+def cmd_sample(args) -> int:
+    import os
+
+    from .media import write_png, write_video
+    from .pipeline import generate
+
+    model, ckpt = _load(args)
+    req = _request(args, model, ckpt.family)
+    cache = _cache_config(args, ckpt.family, args.cache_interval) if args.cache_interval > 1 else None
+    result = generate(model, req, cache, progress=_Progress("sampling"))
+    pixels = _pixels(args, ckpt.family, model, result.sample)
+    out = args.output
+    if pixels is None:
+        from safetensors.torch import save_file
+
+        out = os.path.splitext(out)[0] + ".latents.safetensors"
+        save_file({"latents": result.sample.contiguous().cpu()}, out)
+        print(f"{ckpt.family} is a latent model and no --vae was given: wrote the latents to {out}")
+    elif out.lower().endswith(".png"):
+        write_png(out, pixels[0])
+    else:
+        write_video(out, pixels, fps=args.fps)
+    line = f"wrote {out} in {result.seconds:.2f} s"
+    if result.stats:
+        line += f"; Skip-Cache n={cache.interval} {cache.start:g}->{cache.end:g} k={cache.depth}: {result.stats.summary()}, speedup bound {result.speedup_bound:.2f}x"
+    print(line)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .diffusion import make_sampler
+    from .media import psnr, ssim
+    from .pipeline import generate
+
+    model, ckpt = _load(args)
+    req = _request(args, model, ckpt.family)
+    base = generate(model, req, None, progress=_Progress("uncached"))
+    ref = _pixels(args, ckpt.family, model, base.sample)
+    # pixels are compared as written (clamped to [-1, 1]); latents over the reference's own range
+    prep = (lambda z: z.clamp(-1, 1)) if ref is not None else (lambda z: z)  # noqa: E731
+    ref = prep(ref if ref is not None else base.sample)
+    data_range = 2.0 if ref is not None and ref.min() >= -1 and ref.max() <= 1 else float(ref.max() - ref.min())
+    rows = [dict(setting="uncached", seconds=base.seconds, speedup=1.0, bound=1.0, full=None, cached=0, psnr=float("inf"), ssim=1.0)]
+    for n in args.intervals:
+        cache = _cache_config(args, ckpt.family, n)
+        res = generate(model, req, cache, progress=_Progress(f"n={n}"))
+        out = _pixels(args, ckpt.family, model, res.sample)
+        out = prep(out if out is not None else res.sample)
+        rows.append(dict(
+            setting=f"n={n} {cache.start:g}->{cache.end:g} k={cache.depth}", seconds=res.seconds,
+            speedup=base.seconds / res.seconds, bound=res.speedup_bound, full=res.stats.full_steps,
+            cached=res.stats.cached_steps, psnr=psnr(out, ref, data_range), ssim=ssim(out, ref, data_range),
+        ))
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "family": ckpt.family, "rows": rows}, indent=2))
+        return 0
+    steps = len(make_sampler(req.family, req.sampler, req.steps))
+    print(f"{args.checkpoint}: {ckpt.family}, {req.sampler} {steps} steps, seed {req.seed}")
+    print(f"{'setting':<24} {'full/cached':>11} {'seconds':>8} {'speedup':>8} {'bound':>6} {'PSNR dB':>8} {'SSIM':>6}")
+    for r in rows:
+        fc = "all full" if r["full"] is None else f"{r['full']}/{r['cached']}"
+        print(f"{r['setting']:<24} {fc:>11} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['psnr']:>8.2f} {r['ssim']:>6.3f}")
+    return 0
+
+
+def generation_args(sp, bench: bool) -> None:
+    sp.add_argument("checkpoint")
+    sp.add_argument("--label", type=int, help="class label (class-conditional models)")
+    sp.add_argument("--text-embeddings", help=".safetensors with prompt_embeds (T5 for Latte T2V; CLIP + prompt_embeds_2 T5 for Hunyuan-DiT)")
+    sp.add_argument("--frames", type=int, help="video frames (default: the model's)")
+    sp.add_argument("--size", type=int, help="latent height = width (default: the model's)")
+    sp.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    sp.add_argument("--steps", type=int, help="default: DDPM 250 (Hunyuan-DiT 100), DDIM 50")
+    sp.add_argument("--guidance", type=float, help="classifier-free guidance scale (> 1 enables it)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--vae", help="a local diffusers AutoencoderKL folder, to decode latent models")
+    sp.add_argument("--device", help="default: cuda if available, else cpu")
+    sp.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    if bench:
+        sp.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4], help="Skip-Cache intervals to compare")
+        sp.add_argument("--json", action="store_true")
+    else:
+        sp.add_argument("--cache-interval", type=int, default=1, help="Skip-Cache interval n (1 = off)")
+    sp.add_argument("--cache-start", type=float, help="window start timestep (default: the authors' per family)")
+    sp.add_argument("--cache-end", type=float, help="window end timestep")
+    sp.add_argument("--cache-start-percent", type=float, help="window start as sampling progress 0..1")
+    sp.add_argument("--cache-end-percent", type=float, help="window end as sampling progress 0..1")
+    sp.add_argument("--cache-depth", type=int, help="units recomputed at each end (default: DiT 4, others 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skipdit", description="Skip-DiT models and Skip-Cache.")
     p.add_argument("--version", action="version", version=f"skipdit {__version__}")
@@ -89,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a config field (repeatable), e.g. skip=true")
     new.add_argument("--seed", type=int, default=0)
     new.set_defaults(func=cmd_new)
+
+    sample = sub.add_parser("sample", help="generate a video or image, optionally with Skip-Cache")
+    generation_args(sample, bench=False)
+    sample.add_argument("-o", "--output", default="outputs/sample.mp4", help=".mp4, .webm, .gif or .png")
+    sample.add_argument("--fps", type=int, default=8)
+    sample.set_defaults(func=cmd_sample)
+
+    bench = sub.add_parser("bench", help="uncached vs Skip-Cache settings: time, speedup, bound, PSNR / SSIM")
+    generation_args(bench, bench=True)
+    bench.set_defaults(func=cmd_bench)
 
     presets = sub.add_parser("presets", help="list the model presets of every family")
     presets.set_defaults(func=cmd_presets)

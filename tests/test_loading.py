@@ -178,3 +178,35 @@ def test_empty_and_non_dict(tmp_path):
     p = tmp_path / "opt_only.pt"
     torch.save({"opt": {"lr": torch.tensor(1.0)}, "step": 3}, p)
     assert "no model weights found" in _error(p)
+
+
+def test_latte_t2v_file_is_not_taken_for_diffusers_hunyuan(tmp_path):
+    """Latte T2V shares diffusers key names (`pos_embed.proj`) with HunyuanDiT2DModel."""
+    from skipdit_core.models import build_model, make_config
+
+    model = build_model("latte_t2v", make_config("latte_t2v", {"skip": True}, preset="Latte-T2V-tiny"))
+    path = tmp_path / "Latte-skip.pt"
+    torch.save({"ema": model.state_dict(), "model": model.state_dict()}, path)
+    ckpt = inspect_checkpoint(path, overrides={"head_dim": 16, "num_heads": 4, "sample_size": 8})
+    assert (ckpt.family, ckpt.layout, ckpt.config.num_skips) == ("latte_t2v", "original", 2)
+    loaded, _ = load_model(path, overrides={"head_dim": 16, "num_heads": 4, "sample_size": 8})
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_diffusers_hunyuan_file_loads_mapped(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from skipdit_core.models.hunyuan import HUNYUAN_PRESETS
+
+    p = HUNYUAN_PRESETS["HunyuanDiT-tiny"]
+    ref = diffusers.HunyuanDiT2DModel(
+        num_attention_heads=p["num_heads"], attention_head_dim=p["hidden_size"] // p["num_heads"], in_channels=4,
+        patch_size=2, activation_fn="gelu-approximate", sample_size=16, hidden_size=p["hidden_size"],
+        num_layers=p["depth"], mlp_ratio=4.0, learn_sigma=True, cross_attention_dim=p["text_states_dim"],
+        cross_attention_dim_t5=p["text_states_dim_t5"], pooled_projection_dim=p["pooled_dim"],
+        text_len=p["text_len"], text_len_t5=p["text_len_t5"], use_style_cond_and_image_meta_size=False,
+    )
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(ref.state_dict(), str(path))
+    model, ckpt = load_model(path)
+    assert (ckpt.family, ckpt.layout) == ("hunyuan", "diffusers")
+    assert model.config.depth == p["depth"] and not model.config.use_style_cond_and_image_meta_size

@@ -462,8 +462,9 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> HunyuanDiTConfig:
 
 
 def is_diffusers_layout(sd: dict[str, torch.Tensor]) -> bool:
-    """True for a diffusers `HunyuanDiT2DModel` state dict, False for Tencent's layout."""
-    return any(k.startswith(("time_extra_emb.", "pos_embed.proj.", "norm_out.")) for k in sd)
+    """True for a diffusers `HunyuanDiT2DModel` state dict (its `time_extra_emb.*` embedder is
+    Hunyuan-only: Latte T2V and DiT in diffusers also have `pos_embed.proj` / `norm_out`)."""
+    return any(k.startswith("time_extra_emb.") for k in sd)
 
 
 # diffusers prefix -> Tencent prefix; the first matching prefix wins.

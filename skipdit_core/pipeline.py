@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .diffusion import guided, make_sampler
+from .diffusion import CFG_CONVENTIONS, guided, make_sampler
 from .skip_cache import SkipCacheConfig, SkipCacheRun, SkipCacheStats
 
 
@@ -117,8 +117,6 @@ def generate(
     use_cfg = req.guidance is not None and req.guidance > 1 and bool(cond)
     if use_cfg:
         uncond = _to(conditioning(model, req, unconditional=True), device, dtype)
-        from .diffusion import CFG_CONVENTIONS
-
         first, second = (cond, uncond) if CFG_CONVENTIONS[req.family].cond_first else (uncond, cond)
         inputs = {k: torch.cat([first[k], second[k]]) for k in cond}
     else:

@@ -126,3 +126,19 @@ def test_cli_text_embeddings_file(tmp_path, capsys):
     save_file({"something": torch.zeros(1)}, str(bad))
     assert cli_main(["sample", str(path), "--text-embeddings", str(bad), "--steps", "2", "--device", "cpu"]) == 2
     assert "has no 'prompt_embeds'" in capsys.readouterr().err
+
+
+def test_cli_decodes_latents_through_a_local_vae(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    model, config = tiny("latte")
+    path = tmp_path / "latte.safetensors"
+    save_safetensors(model.state_dict(), path, "latte", config)
+    out = tmp_path / "decoded.mp4"
+    assert cli_main(["sample", str(path), "--label", "1", "--frames", "2", "--steps", "3", "--vae", str(tmp_path / "vae"),
+                     "--device", "cpu", "-o", str(out)]) == 0
+    assert read_video(str(out)).shape == (2, 16, 16, 3)  # 8x8 latents, VAE upsamples 2x

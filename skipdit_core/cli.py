@@ -170,10 +170,11 @@ def cmd_bench(args) -> int:
     req = _request(args, model, ckpt.family)
     base = generate(model, req, None, progress=_Progress("uncached"))
     ref = _pixels(args, ckpt.family, model, base.sample)
+    pixels = ref is not None
     # pixels are compared as written (clamped to [-1, 1]); latents over the reference's own range
-    prep = (lambda z: z.clamp(-1, 1)) if ref is not None else (lambda z: z)  # noqa: E731
-    ref = prep(ref if ref is not None else base.sample)
-    data_range = 2.0 if ref is not None and ref.min() >= -1 and ref.max() <= 1 else float(ref.max() - ref.min())
+    prep = (lambda z: z.clamp(-1, 1)) if pixels else (lambda z: z)  # noqa: E731
+    ref = prep(ref if pixels else base.sample)
+    data_range = 2.0 if pixels else float(ref.max() - ref.min())
     rows = [dict(setting="uncached", seconds=base.seconds, speedup=1.0, bound=1.0, full=None, cached=0, psnr=float("inf"), ssim=1.0)]
     for n in args.intervals:
         cache = _cache_config(args, ckpt.family, n)

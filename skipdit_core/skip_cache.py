@@ -25,9 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .diffusion import NUM_TRAIN_TIMESTEPS
 from .models.ustack import StackCut, UStack
-
-NUM_TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -64,15 +63,6 @@ class SkipCacheConfig:
         to_t = lambda p: round(NUM_TRAIN_TIMESTEPS * (1.0 - p), 6)  # noqa: E731
         return cls(interval=interval, start=to_t(start_percent), end=to_t(end_percent), depth=depth)
 
-    def check_model(self, stack: UStack) -> None:
-        """Raise a clear error if this depth does not fit the model's long skips."""
-        if stack.num_skips == 0:
-            raise ValueError("Skip-Cache needs a model with long skips (a Skip-DiT or Hunyuan-DiT); this one has none")
-        if self.depth > stack.num_skips:
-            raise ValueError(
-                f"Skip-Cache depth k={self.depth} is out of range for this model: it has {stack.num_skips} long skips, "
-                f"so k must be in 1..{stack.num_skips}"
-            )
 
 
 # The authors' settings per family (window and depth; n is the user's choice, 2 by default).
@@ -123,7 +113,7 @@ class SkipCacheRun:
     """
 
     def __init__(self, config: SkipCacheConfig, stack: UStack, blocks_per_unit: int = 1):
-        config.check_model(stack)
+        stack.check_depth(config.depth)
         self.config = config
         self.stack = stack
         self.blocks_per_unit = blocks_per_unit

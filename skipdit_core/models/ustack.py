@@ -102,10 +102,14 @@ class UStack:
         return [*range(cut.depth), *range(L - cut.depth, L)]
 
     def check_depth(self, depth: int) -> None:
+        """Raise a clear error if a cut at `depth` does not fit this stack's long skips."""
         if self.num_skips == 0:
-            raise ValueError("this model has no long skips, so Skip-Cache cannot cut it")
+            raise ValueError("Skip-Cache needs a model with long skips (a Skip-DiT or Hunyuan-DiT); this one has none")
         if not 1 <= depth <= self.num_skips:
-            raise ValueError(f"cache depth must be in 1..{self.num_skips} for this model, got {depth}")
+            raise ValueError(
+                f"Skip-Cache depth k={depth} is out of range for this model: it has {self.num_skips} long skips, "
+                f"so k must be in 1..{self.num_skips}"
+            )
 
     def run(
         self,

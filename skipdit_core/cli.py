@@ -102,15 +102,21 @@ def _load(args):
     return load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
 
 
-def _pixels(args, family, model, sample):
+def _load_vae(args, device):
+    """A local diffusers AutoencoderKL (--vae), loaded once per command, or None."""
+    if not args.vae:
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(device)
+
+
+def _pixels(vae, family, model, sample):
     """Decoded frames (F, C, H, W) in [-1, 1], or None for a latent model without a VAE."""
     from .pipeline import to_frames
 
     frames = to_frames(family, sample)
-    if args.vae:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(frames.device)
+    if vae is not None:
         with torch.no_grad():
             return torch.cat([vae.decode(f[None] / VAE_SCALE[family]).sample for f in frames]).float()
     if model.config.in_channels in (1, 3):  # pixel-space model
@@ -142,7 +148,7 @@ def cmd_sample(args) -> int:
     req = _request(args, model, ckpt.family)
     cache = _cache_config(args, ckpt.family, args.cache_interval) if args.cache_interval > 1 else None
     result = generate(model, req, cache, progress=_Progress("sampling"))
-    pixels = _pixels(args, ckpt.family, model, result.sample)
+    pixels = _pixels(_load_vae(args, result.sample.device), ckpt.family, model, result.sample)
     out = args.output
     if pixels is None:
         from safetensors.torch import save_file
@@ -169,7 +175,8 @@ def cmd_bench(args) -> int:
     model, ckpt = _load(args)
     req = _request(args, model, ckpt.family)
     base = generate(model, req, None, progress=_Progress("uncached"))
-    ref = _pixels(args, ckpt.family, model, base.sample)
+    vae = _load_vae(args, base.sample.device)
+    ref = _pixels(vae, ckpt.family, model, base.sample)
     pixels = ref is not None
     # pixels are compared as written (clamped to [-1, 1]); latents over the reference's own range
     prep = (lambda z: z.clamp(-1, 1)) if pixels else (lambda z: z)  # noqa: E731
@@ -179,7 +186,7 @@ def cmd_bench(args) -> int:
     for n in args.intervals:
         cache = _cache_config(args, ckpt.family, n)
         res = generate(model, req, cache, progress=_Progress(f"n={n}"))
-        out = _pixels(args, ckpt.family, model, res.sample)
+        out = _pixels(vae, ckpt.family, model, res.sample)
         out = prep(out if out is not None else res.sample)
         rows.append(dict(
             setting=f"n={n} {cache.start:g}->{cache.end:g} k={cache.depth}", seconds=res.seconds,

@@ -1,0 +1,2 @@
+"""Training Skip-DiT models with accelerate (one CPU to many GPUs): `python -m training.train --config ...`
+or `accelerate launch -m training.train --config ...`. Recipes live in `training/configs/`."""

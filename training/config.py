@@ -1,0 +1,149 @@
+"""Training recipes as YAML, read strictly: every field is used, an unknown one is an error.
+
+```yaml
+model:                 # what is trained
+  family: latte        # dit | latte | latte_t2v
+  preset: Latte-tiny   # a preset of the family (optional)
+  config: {skip: true} # config field overrides (after the preset / the pretrained config)
+  init_from: null      # a pretrained checkpoint; a vanilla one becomes Skip-DiT with new skip branches
+data: {type: moving_shapes, num_frames: 8, size: 32}   # keyword arguments of training.data.build_dataset
+train: {...}           # TrainSection below
+sample: {...}          # SampleSection below (optional videos during training)
+```
+Command-line `--set train.max_steps=10` overrides a field (YAML syntax for the value).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    family: str = "latte"
+    preset: Optional[str] = None
+    config: dict = field(default_factory=dict)
+    init_from: Optional[str] = None
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/train"
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # per process and micro-batch; global = batch_size * processes * grad_accum_steps
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
+    grad_clip: Optional[float] = 1.0  # max gradient norm; null disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): for short runs
+    trainable: str = "all"  # "all", or "skip_branches": only skip_norms / skip_linears (stage 1)
+    mixed_precision: Optional[str] = None  # "no" | "fp16" | "bf16"; null: what `accelerate launch` says
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2  # the newest N step folders are kept
+    save_dtype: Optional[str] = None  # dtype of the exported .safetensors (fp16 / bf16 / fp32); null: fp32
+
+
+@dataclass
+class SampleSection:
+    every: int = 0  # optimizer steps between sample videos from the EMA model; 0 = never
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: Optional[float] = None
+    labels: list = field(default_factory=lambda: [0])
+    frames: Optional[int] = None  # default: the model's num_frames
+    size: Optional[int] = None  # default: the data's size
+    fps: int = 8
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: dict = field(default_factory=dict)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"model": ModelSection, "train": TrainSection, "sample": SampleSection}
+TRAINABLE = ("all", "skip_branches")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section(name: str, cls, values, source: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"{name} accepts: {', '.join(sorted(known))}")
+    values = dict(values)
+    for f in fields(cls):
+        # YAML 1.1 reads `1e-4` (no dot) as a string: numbers of float fields are coerced.
+        if f.type in ("float", "Optional[float]") and isinstance(values.get(f.name), (int, str)) \
+                and not isinstance(values.get(f.name), bool):
+            try:
+                values[f.name] = float(values[f.name])
+            except ValueError:
+                raise ConfigError(f"{source}: {name}.{f.name} must be a number, got {values[f.name]!r}") from None
+    return cls(**values)
+
+
+def from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(['model', 'data', 'train', 'sample'])}")
+    unknown = sorted(set(raw) - {"model", "data", "train", "sample"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; sections: model, data, train, sample")
+    cfg = TrainConfig(
+        model=_section("model", ModelSection, raw.get("model"), source),
+        data=dict(raw.get("data") or {}),
+        train=_section("train", TrainSection, raw.get("train"), source),
+        sample=_section("sample", SampleSection, raw.get("sample"), source),
+    )
+    if cfg.model.family not in ("dit", "latte", "latte_t2v"):
+        raise ConfigError(f"{source}: model.family must be dit, latte or latte_t2v, got {cfg.model.family!r}")
+    if cfg.train.trainable not in TRAINABLE:
+        raise ConfigError(f"{source}: train.trainable must be one of {', '.join(TRAINABLE)}, got {cfg.train.trainable!r}")
+    if "type" not in cfg.data:
+        raise ConfigError(f"{source}: the data section needs a type (moving_shapes, video_folder, image_folder, latents)")
+    for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"{source}: train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    return cfg
+
+
+def apply_overrides(raw: dict, pairs: list[str]) -> dict:
+    """`section.field=value` (value in YAML syntax; `data.*` and `model.config.*` keys are free)."""
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set expects section.field=value, got {pair!r}")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return from_dict(apply_overrides(raw, overrides or []), source=path)

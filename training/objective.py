@@ -1,0 +1,124 @@
+"""The training objective of DiT / Latte (improved-diffusion's "hybrid" loss), for any sample layout.
+
+For x0 and a timestep t drawn uniformly from 0..T-1, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and
+
+    loss = mean((eps - eps_pred)^2) + L_vb
+
+where L_vb, present only when the model also outputs the variance values v (2C output channels,
+`learn_sigma`), trains the interpolated log-variance frac * log(beta_t) + (1 - frac) * log(post_var_t),
+frac = (v + 1) / 2: the KL between the true posterior q(x_{t-1} | x_t, x0) and the model's Gaussian
+(the model's mean built from a DETACHED eps_pred, so the variance term does not steer the mean), or at
+t = 0 the discretised Gaussian negative log-likelihood of x0 (pixels in [-1, 1], 256 bins). Both are in
+bits per dimension, averaged over every dimension but the batch, as the reference computes them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from skipdit_core.diffusion import NUM_TRAIN_TIMESTEPS, Schedule, linear_betas
+
+
+def ddpm_schedule() -> Schedule:
+    """The process DiT, Latte and Latte T2V are trained with: linear betas 1e-4 -> 0.02 over 1000 steps."""
+    return Schedule.from_betas(linear_betas(), "eps", learned_range=True)
+
+
+def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] (float64 table, (B,) indices) shaped to broadcast against `like` (B, ...), in float32."""
+    out = values.to(t.device)[t].float()
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log P(x) of data in [-1, 1] quantised to 256 bins under N(means, exp(log_scales)^2), elementwise, nats."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    # The edge bins take the whole tail, so the 256 probabilities sum to one.
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+class DiffusionObjective:
+    """Noising and the hybrid loss over a `Schedule` (eps prediction).
+
+    channel_dim: where the model output's channels are (1 for (B, C, H, W) and (B, C, F, H, W),
+    2 for Latte's (B, F, C, H, W)); with 2C output channels the second half is the variance values v.
+    """
+
+    def __init__(self, schedule: Optional[Schedule] = None, channel_dim: int = 1):
+        self.schedule = schedule or ddpm_schedule()
+        if self.schedule.prediction != "eps":
+            raise ValueError("the training objective is written for eps prediction")
+        self.channel_dim = channel_dim
+        ac = self.schedule.alphas_cumprod
+        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        betas = 1.0 - ac / ac_prev
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        self.num_timesteps = int(ac.shape[0])
+        self.sqrt_ac, self.sqrt_one_minus_ac = ac.sqrt(), (1.0 - ac).sqrt()
+        self.log_betas = betas.log()
+        # log(0) at t = 0 replaced by the t = 1 value, as the reference does ("clipped").
+        self.post_log_var = torch.cat([post_var[1:2], post_var[1:]]).log()
+        self.post_coef_x0 = betas * ac_prev.sqrt() / (1.0 - ac)
+        self.post_coef_xt = (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac)
+
+    def sample_timesteps(self, batch: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B,) int64 timesteps, uniform over 0..T-1."""
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; x0, noise: (B, ...), t: (B,) int64."""
+        return _at(self.sqrt_ac, t, x0) * x0 + _at(self.sqrt_one_minus_ac, t, x0) * noise
+
+    def losses(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+               noise: torch.Tensor) -> dict:
+        """{"loss", "mse", "vb"}: (B,) float32 each ("vb" zeros without a learned variance).
+
+        model_output: (B, ...) with C or 2C channels on `channel_dim`; x0, x_t, noise: (B, ...) with C."""
+        c = x0.shape[self.channel_dim]
+        model_output = model_output.float()
+        co = model_output.shape[self.channel_dim]
+        if co == 2 * c:
+            eps, v = model_output.split(c, dim=self.channel_dim)
+        elif co == c:
+            eps, v = model_output, None
+        else:
+            raise ValueError(f"model output has {co} channels on dim {self.channel_dim}; the data has {c} (expected {c} or {2 * c})")
+        mse = _mean_flat((noise.float() - eps) ** 2)
+        vb = torch.zeros_like(mse) if v is None else self._vb(eps.detach(), v, x0.float(), x_t.float(), t)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    def _vb(self, eps, v, x0, x_t, t) -> torch.Tensor:
+        """L_vb in bits per dimension, (B,)."""
+        true_mean = _at(self.post_coef_x0, t, x0) * x0 + _at(self.post_coef_xt, t, x0) * x_t
+        true_log_var = _at(self.post_log_var, t, x0)
+        x0_pred = (x_t - _at(self.sqrt_one_minus_ac, t, x0) * eps) / _at(self.sqrt_ac, t, x0)
+        model_mean = _at(self.post_coef_x0, t, x0) * x0_pred + _at(self.post_coef_xt, t, x0) * x_t
+        frac = (v + 1.0) / 2.0
+        model_log_var = frac * _at(self.log_betas, t, x0) + (1.0 - frac) * true_log_var
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
+        nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+
+__all__ = ["DiffusionObjective", "ddpm_schedule", "normal_kl", "discretized_gaussian_log_likelihood", "NUM_TRAIN_TIMESTEPS"]

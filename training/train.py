@@ -1,0 +1,386 @@
+"""Train a Skip-DiT (or vanilla) DiT / Latte / Latte T2V with accelerate.
+
+    python -m training.train --config training/configs/demo-skip-latte.yaml            # one process
+    accelerate launch -m training.train --config ... [--resume] [--set train.max_steps=10]
+    accelerate launch --multi_gpu --num_processes 8 -m training.train --config ...       # DDP
+    (mixed precision, FSDP or DeepSpeed: through `accelerate config` / launch flags)
+
+A run directory (`train.output_dir`) holds:
+    config.yaml                  the resolved recipe
+    log.jsonl                    one line per log interval: step, loss, mse, vb, lr, samples/s
+    checkpoints/step-00000500/   ema.safetensors, model.safetensors (family + config in the metadata:
+                                 what `skipdit_core.load_model` and the ComfyUI nodes read), trainer.json,
+                                 resume/ (accelerate state: optimizer, RNG, ...)
+    checkpoints/latest           the name of the newest complete step folder
+    samples/                     sample videos of the EMA model (sample.every)
+
+A step folder is written under a temporary name and renamed when complete, and `latest` is replaced
+atomically after that, so a crash (even SIGKILL) mid-save leaves the previous checkpoint intact.
+`--resume` continues from `latest`: weights, optimizer, EMA, RNG state and the position in the data.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from skipdit_core import models
+from skipdit_core.loading import inspect_checkpoint, save_safetensors
+
+from .config import TrainConfig, load_config
+from .data import build_dataset
+from .objective import DiffusionObjective
+
+SAVE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SKIP_PREFIXES = ("skip_norms.", "skip_linears.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: build, convert a pretrained vanilla model, choose the trainable parameters
+# ----------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, log=print) -> torch.nn.Module:
+    """The model of `cfg.model`; with init_from, initialised from that checkpoint. A vanilla checkpoint
+    loaded into a Skip-DiT config gets freshly initialised skip branches (the paper's conversion)."""
+    spec = cfg.model
+    if spec.init_from is None:
+        config = models.make_config(spec.family, spec.config, spec.preset)
+        return models.build_model(spec.family, config)
+    ckpt = inspect_checkpoint(spec.init_from, spec.family)
+    if ckpt.family != spec.family:
+        raise ValueError(f"{spec.init_from}: a {ckpt.family} checkpoint, but model.family is {spec.family}")
+    config = models.make_config(spec.family, spec.config, spec.preset, base=ckpt.config)
+    model = models.build_model(spec.family, config)
+    expected, sd = model.state_dict(), ckpt.state_dict
+    new = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected or any(not k.startswith(SKIP_PREFIXES) for k in new):
+        raise ValueError(
+            f"{spec.init_from}: does not fit the configured {spec.family} model: "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, missing non-skip keys "
+            f"{[k for k in new if not k.startswith(SKIP_PREFIXES)][:5]}"
+        )
+    for k in sd:
+        if tuple(sd[k].shape) != tuple(expected[k].shape):
+            raise ValueError(f"{spec.init_from}: shape mismatch at {k}: model {tuple(expected[k].shape)}, file {tuple(sd[k].shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
+    log(f"initialised from {spec.init_from}: {len(sd)} tensors loaded"
+        + (f", {len(new)} skip-branch tensors new (vanilla -> Skip-DiT)" if new else ""))
+    return model
+
+
+def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
+    """Freeze what the stage does not train; returns a one-line description per group for the log.
+    "skip_branches" (stage 1 of the conversion): only skip_norms.* and skip_linears.*."""
+    if trainable == "skip_branches":
+        if not getattr(model, "skip_norms", None):
+            raise ValueError("train.trainable = skip_branches needs a Skip-DiT model (model.config.skip: true)")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(SKIP_PREFIXES))
+    elif trainable != "all":
+        raise ValueError(f"train.trainable must be 'all' or 'skip_branches', got {trainable!r}")
+    # Fixed sin-cos tables are parameters of the released layout but never trained.
+    for name in ("pos_embed", "temp_embed"):
+        if isinstance(getattr(model, name, None), torch.nn.Parameter):
+            getattr(model, name).requires_grad_(False)
+    groups = {"trained": [0, 0], "frozen": [0, 0]}
+    for p in model.parameters():
+        g = groups["trained" if p.requires_grad else "frozen"]
+        g[0] += 1
+        g[1] += p.numel()
+    return [f"{k}: {n} tensors, {c / 1e6:.2f}M parameters" for k, (n, c) in groups.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step's inputs per family
+# ----------------------------------------------------------------------------------------------
+
+def model_inputs(family: str, batch: dict, num_classes: int) -> tuple[torch.Tensor, dict, int]:
+    """(x0 in the model's layout, conditioning keyword arguments, channel dim of the output).
+
+    Batches hold "x" as (B, C, H, W) images or (B, F, C, H, W) videos (Latte's layout)."""
+    x = batch["x"]
+    if family == "dit":
+        if x.dim() != 4:
+            raise ValueError(f"DiT trains on images (B, C, H, W); the data gives {tuple(x.shape)}")
+        return x, {"y": batch["label"]}, 1
+    if x.dim() != 5:
+        raise ValueError(f"{family} trains on videos (B, F, C, H, W); the data gives {tuple(x.shape)}")
+    if family == "latte":
+        if num_classes > 0 and (batch["label"] < 0).any():
+            raise ValueError("the model is class-conditional but the data has no labels (label -1)")
+        return x, ({"y": batch["label"]} if num_classes > 0 else {}), 2
+    if "prompt_embeds" not in batch:
+        raise ValueError("latte_t2v trains on text: the data must give prompt_embeds (T5 states)")
+    cond = {"encoder_hidden_states": batch["prompt_embeds"], "encoder_attention_mask": batch.get("prompt_attention_mask")}
+    return x.transpose(1, 2), cond, 1  # (B, C, F, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, over trainable parameters (frozen ones are equal)."""
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            ema_params[name].mul_(decay).add_(p.detach().to(ema_params[name].dtype), alpha=1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    pointer = os.path.join(output_dir, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(output_dir, "checkpoints", f.read().strip())
+    if not os.path.isfile(os.path.join(path, "trainer.json")):
+        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int) -> str:
+    """All processes call this (accelerate gathers sharded state); the main process writes the files."""
+    root = os.path.join(cfg.train.output_dir, "checkpoints")
+    name = f"step-{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(os.path.join(tmp, "resume"))
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        family, config = cfg.model.family, accelerator.unwrap_model(model).config
+        dtype = SAVE_DTYPES[cfg.train.save_dtype]
+        save_safetensors(state, os.path.join(tmp, "model.safetensors"), family, config, dtype)
+        save_safetensors(ema.state_dict(), os.path.join(tmp, "ema.safetensors"), family, config, dtype)
+        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "config": cfg.to_dict()}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)  # a leftover of a run that crashed before `latest` moved
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(root, "latest"), name)
+        steps = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+        for old in steps[:-cfg.train.keep_checkpoints]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator, ema, path: str) -> int:
+    accelerator.load_state(os.path.join(path, "resume"))
+    ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    with open(os.path.join(path, "trainer.json")) as f:
+        return int(json.load(f)["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples during training
+# ----------------------------------------------------------------------------------------------
+
+def write_samples(ema, cfg: TrainConfig, step: int, example: dict, log) -> None:
+    """Sample videos / images of the EMA model (pixel-space models; latent models save the latents)."""
+    from skipdit_core.media import write_png, write_video
+    from skipdit_core.pipeline import Request, generate, to_frames
+
+    family, mc, sc = cfg.model.family, ema.config, cfg.sample
+    out_dir = os.path.join(cfg.train.output_dir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    x = example["x"]
+    frames = sc.frames or getattr(mc, "num_frames", None) or getattr(mc, "video_length", 1)
+    size = sc.size or x.shape[-1]
+    text = {}
+    if family == "latte_t2v":
+        text = {"prompt_embeds": example["prompt_embeds"][:1]}
+    has_labels = getattr(mc, "num_classes", 0) > 0
+    for label in (sc.labels if has_labels else [None]):
+        req = Request(family, label=label, text=text, frames=frames, size=size, sampler=sc.sampler,
+                      steps=sc.steps, guidance=sc.guidance, seed=cfg.train.seed)
+        result = generate(ema, req)
+        name = os.path.join(out_dir, f"step-{step:08d}" + (f"-class{label}" if label is not None else ""))
+        if mc.in_channels not in (1, 3):
+            from safetensors.torch import save_file
+            save_file({"latents": result.sample.contiguous()}, name + ".safetensors")
+            continue
+        pixels = to_frames(family, result.sample).clamp(-1, 1)
+        if family == "dit":
+            write_png(name + ".png", pixels[0])
+        else:
+            write_video(name + ".mp4", pixels, fps=sc.fps)
+    log(f"step {step}: samples written to {out_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
+    """Run the recipe; returns {"step", "loss", "checkpoint"} of the last optimizer step."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+
+    tc = cfg.train
+    accelerator = Accelerator(
+        # Several processes and no GPU (`accelerate launch --multi_gpu` / torchrun on a CPU box): gloo on
+        # the CPU, instead of each process silently training alone.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        mixed_precision=tc.mixed_precision,
+        # Sync exactly every grad_accum_steps micro-batches (not at epoch ends), so a step is a step.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.grad_accum_steps, sync_with_dataloader=False),
+        # Shuffling seeded by (seed, epoch): with skip_first_batches, a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    log = accelerator.print
+    set_seed(tc.seed, device_specific=True)
+
+    model = build_model(cfg, log)
+    groups = select_trainable(model, tc.trainable)
+    num_classes = getattr(model.config, "num_classes", 0)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    dataset = build_dataset(dict(cfg.data))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
+    if len(loader) == 0:
+        raise ValueError(f"the data has {len(dataset)} items, fewer than one batch of {tc.batch_size} per process")
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema.to(accelerator.device)
+    objective = DiffusionObjective(channel_dim=2 if cfg.model.family == "latte" else 1)
+
+    step = 0
+    if resume_run:
+        path = latest_checkpoint(tc.output_dir)
+        if path is None:
+            log(f"--resume: no checkpoint in {tc.output_dir}, starting from step 0")
+        else:
+            step = resume(accelerator, ema, path)
+            log(f"resumed from {path} at step {step}")
+    if accelerator.is_main_process:
+        os.makedirs(tc.output_dir, exist_ok=True)
+        with open(os.path.join(tc.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    unwrapped = accelerator.unwrap_model(model)
+    total = sum(p.numel() for p in unwrapped.parameters())
+    log(f"{cfg.model.family} {type(unwrapped).__name__}: {total / 1e6:.2f}M parameters, "
+        f"skip branches: {'yes' if getattr(unwrapped, 'skip_norms', None) else 'no'}; stage {tc.trainable!r}: {'; '.join(groups)}")
+    global_batch = tc.batch_size * accelerator.num_processes * tc.grad_accum_steps
+    log(f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+        f"global batch {global_batch} ({tc.batch_size} x {accelerator.num_processes} x {tc.grad_accum_steps} accumulated), "
+        f"{len(dataset)} items, {len(loader)} batches per epoch per process")
+
+    # Position in the data: micro-batches already consumed.
+    micro = step * tc.grad_accum_steps
+    epoch, skip_batches = divmod(micro, len(loader))
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    log_file = os.path.join(tc.output_dir, "log.jsonl")
+    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+    example, last_loss, checkpoint = None, math.nan, latest_checkpoint(tc.output_dir) if resume_run else None
+    model.train()
+    while step < tc.max_steps:
+        loader.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for batch in batches:
+            if example is None:
+                example = {k: v[:1].cpu() for k, v in batch.items()}
+            x0, cond, channel_dim = model_inputs(cfg.model.family, batch, num_classes)
+            # Noise and timesteps from a generator of (seed, process, micro-batch): resumable exactly.
+            g = torch.Generator(device=x0.device).manual_seed(
+                tc.seed * 1_000_003 + accelerator.process_index * 7919 + micro)
+            t = objective.sample_timesteps(x0.shape[0], x0.device, g)
+            noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+            micro += 1
+            x_t = objective.q_sample(x0, t, noise)
+            with accelerator.accumulate(model):  # (prepare() already runs the forward under autocast)
+                terms = objective.losses(model(x_t, t.float(), **cond), x0, x_t, t, noise)
+                loss = terms["loss"].mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if tc.grad_clip:
+                        accelerator.clip_grad_norm_(params, tc.grad_clip)
+                    lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k in ("loss", "mse", "vb"):
+                window[k] += terms[k].detach().mean().item()
+            window["n"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+            window["steps"] += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                seconds = time.perf_counter() - window["t0"]
+                stats = torch.tensor([window[k] / window["n"] for k in ("loss", "mse", "vb")], device=accelerator.device)
+                stats = accelerator.reduce(stats, reduction="mean").tolist()
+                last_loss = stats[0]
+                row = {"step": step, "loss": stats[0], "mse": stats[1], "vb": stats[2], "lr": lr,
+                       "samples_per_s": window["steps"] * global_batch / max(seconds, 1e-9), "epoch": epoch}
+                bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{lr:.2e}")
+                if accelerator.is_main_process:
+                    with open(log_file, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+            if step % tc.save_every == 0 or step == tc.max_steps:
+                checkpoint = save_checkpoint(accelerator, model, ema, cfg, step)
+                bar.write(f"step {step}: checkpoint {checkpoint}") if accelerator.is_local_main_process else None
+            if cfg.sample.every and step % cfg.sample.every == 0 and accelerator.is_main_process:
+                write_samples(ema, cfg, step, example, bar.write)
+            if step >= tc.max_steps:
+                break
+        else:
+            epoch += 1
+    bar.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    log(f"done: step {step}, loss {last_loss:.4f}, checkpoint {checkpoint}")
+    return {"step": step, "loss": last_loss, "checkpoint": checkpoint}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a recipe of training/configs/")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field (repeatable), e.g. --set train.max_steps=10")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    train(cfg, resume_run=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

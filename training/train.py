@@ -32,7 +32,6 @@ from typing import Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from skipdit_core import models
 from skipdit_core.loading import inspect_checkpoint, save_safetensors
@@ -56,9 +55,10 @@ def build_model(cfg: TrainConfig, log=print) -> torch.nn.Module:
     if spec.init_from is None:
         config = models.make_config(spec.family, spec.config, spec.preset)
         return models.build_model(spec.family, config)
-    ckpt = inspect_checkpoint(spec.init_from, spec.family)
+    source = resolve_init_from(spec.init_from)
+    ckpt = inspect_checkpoint(source, spec.family)
     if ckpt.family != spec.family:
-        raise ValueError(f"{spec.init_from}: a {ckpt.family} checkpoint, but model.family is {spec.family}")
+        raise ValueError(f"{source}: a {ckpt.family} checkpoint, but model.family is {spec.family}")
     config = models.make_config(spec.family, spec.config, spec.preset, base=ckpt.config)
     model = models.build_model(spec.family, config)
     expected, sd = model.state_dict(), ckpt.state_dict
@@ -66,17 +66,28 @@ def build_model(cfg: TrainConfig, log=print) -> torch.nn.Module:
     unexpected = [k for k in sd if k not in expected]
     if unexpected or any(not k.startswith(SKIP_PREFIXES) for k in new):
         raise ValueError(
-            f"{spec.init_from}: does not fit the configured {spec.family} model: "
+            f"{source}: does not fit the configured {spec.family} model: "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}, missing non-skip keys "
             f"{[k for k in new if not k.startswith(SKIP_PREFIXES)][:5]}"
         )
     for k in sd:
         if tuple(sd[k].shape) != tuple(expected[k].shape):
-            raise ValueError(f"{spec.init_from}: shape mismatch at {k}: model {tuple(expected[k].shape)}, file {tuple(sd[k].shape)}")
+            raise ValueError(f"{source}: shape mismatch at {k}: model {tuple(expected[k].shape)}, file {tuple(sd[k].shape)}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
-    log(f"initialised from {spec.init_from}: {len(sd)} tensors loaded"
+    log(f"initialised from {source}: {len(sd)} tensors loaded"
         + (f", {len(new)} skip-branch tensors new (vanilla -> Skip-DiT)" if new else ""))
     return model
+
+
+def resolve_init_from(path: str) -> str:
+    """A checkpoint file, or a training run folder: then the EMA weights of its latest checkpoint
+    (how stage 2 starts from stage 1)."""
+    if os.path.isdir(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"init_from {path}: a folder without checkpoints/latest (not a finished training run)")
+        return os.path.join(latest, "ema.safetensors")
+    return path
 
 
 def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
@@ -190,9 +201,9 @@ def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int) -> str
     return final
 
 
-def resume(accelerator, ema, path: str) -> int:
+def resume(accelerator, path: str) -> int:
+    """Load weights, optimizer, RNG and the full-precision EMA (registered for checkpointing) from `path`."""
     accelerator.load_state(os.path.join(path, "resume"))
-    ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     with open(os.path.join(path, "trainer.json")) as f:
         return int(json.load(f)["step"])
 
@@ -273,6 +284,8 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
         raise ValueError(f"the data has {len(dataset)} items, fewer than one batch of {tc.batch_size} per process")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema.to(accelerator.device)
+    # The EMA joins accelerate's state in float32 (the exported ema.safetensors may be fp16).
+    accelerator.register_for_checkpointing(ema)
     objective = DiffusionObjective(channel_dim=2 if cfg.model.family == "latte" else 1)
 
     step = 0
@@ -281,7 +294,7 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
         if path is None:
             log(f"--resume: no checkpoint in {tc.output_dir}, starting from step 0")
         else:
-            step = resume(accelerator, ema, path)
+            step = resume(accelerator, path)
             log(f"resumed from {path} at step {step}")
     if accelerator.is_main_process:
         os.makedirs(tc.output_dir, exist_ok=True)

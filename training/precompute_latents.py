@@ -1,0 +1,47 @@
+"""Encode a dataset into VAE latents once, for the latent-space recipes (`data: {type: latents, root: OUT}`).
+
+    python -m training.precompute_latents --vae sd-vae-ft-ema --out data/ucf101-latents \
+        --data type=video_folder --data root=data/UCF-101 --data num_frames=16 --data frame_interval=3 \
+        --data size=256 --data class_subfolders=true [--device cuda --dtype fp16 --batch-size 8 --repeats 1]
+
+`--data` pairs are the keyword arguments of `training.data.build_dataset` (values in YAML syntax);
+`--vae` is a local diffusers AutoencoderKL folder (or a pipeline folder with a `vae/` subfolder).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import yaml
+
+from .data import build_dataset, precompute_latents
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.precompute_latents", description=__doc__.split("\n")[0])
+    parser.add_argument("--vae", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--repeats", type=int, default=1, help="encode the data this many times (new crops / flips)")
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args(argv)
+    spec = {}
+    for pair in args.data:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            parser.error(f"--data expects KEY=VALUE, got {pair!r}")
+        spec[key] = yaml.safe_load(value)
+    dataset = build_dataset(spec)
+    info = precompute_latents(dataset, args.vae, args.out, batch_size=args.batch_size, device=args.device,
+                              dtype=DTYPES[args.dtype], repeats=args.repeats, num_workers=args.num_workers)
+    print(f"wrote {info['count']} latents {tuple(info.get('shape', ()))} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

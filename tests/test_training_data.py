@@ -387,3 +387,19 @@ def test_build_dataset(images):
         build_dataset({"type": "moving_shapes", "frames": 2})
     with pytest.raises(ValueError, match="needs root"):
         build_dataset({"type": "video_folder", "size": 8})
+
+
+def test_precompute_latents_command(tiny_vae, tmp_path):
+    from training.precompute_latents import main
+
+    path, vae = tiny_vae
+    out = tmp_path / "latents"
+    args = ["--vae", path, "--out", str(out), "--batch-size", "4", "--data", "type=moving_shapes",
+            "--data", "num_frames=1", "--data", "size=16", "--data", "length=6", "--data", "num_classes=2"]
+    assert main(args) == 0
+    latents = build_dataset({"type": "latents", "root": str(out)})
+    assert len(latents) == 6 and latents[0]["x"].shape == (4, 8, 8) and int(latents[1]["label"]) == 1
+    with torch.no_grad():
+        x = MovingShapes(num_frames=1, size=16, length=6, num_classes=2)[1]["x"][None]
+        expected = vae.encode(x).latent_dist.mean[0] * 0.5
+    torch.testing.assert_close(latents[1]["x"], expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,196 @@
+"""Our Skip-DiT models as native ComfyUI models: a model config (`supported_models_base.BASE`) per
+family, a `BaseModel` subclass and a `diffusion_model` adapter, wrapped in a `ModelPatcher`, so the
+stock KSampler, SamplerCustomAdvanced, schedulers, LoRA loaders and patch nodes take them as a `MODEL`.
+
+The adapter is our skipdit_core model class with a ComfyUI-facing `forward` in front (a subclass made
+per family), so the weights keep their names (`diffusion_model.blocks.0.attn.qkv.weight`): LoRA files
+made for our checkpoints map onto them, and a saved model keeps the checkpoint layout.
+Hunyuan-DiT is not handled here: the loader delegates it to ComfyUI's own model.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+
+from skipdit_core import models as core_models
+from skipdit_core.loading import Checkpoint, load_weights
+
+from . import adapters
+from .cache_state import STATE_KEY
+
+# ----------------------------------------------------------------------------- latent formats
+
+_SD_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+
+
+class SDVideoLatent(comfy.latent_formats.LatentFormat):
+    """Video latents of the SD VAE (sd-vae-ft-ema/mse, as Latte uses), [B, 4, T, H/8, W/8], scale 0.18215."""
+
+    latent_channels = 4
+    latent_dimensions = 3
+    scale_factor = 0.18215
+
+    def __init__(self):
+        self.latent_rgb_factors = _SD_RGB
+
+
+class PixelVideo(comfy.latent_formats.LatentFormat):
+    """Pixel-space video [B, 3, T, H, W] in [-1, 1] (models trained without a VAE): the identity."""
+
+    latent_channels = 3
+    latent_dimensions = 3
+    scale_factor = 1.0
+
+    def __init__(self):
+        self.latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+class PixelImage(PixelVideo):
+    latent_dimensions = 2
+
+
+def latent_format_for(family: str, in_channels: int) -> comfy.latent_formats.LatentFormat:
+    pixels = adapters.latent_space(in_channels) == "pixels"
+    if adapters.is_video(family):
+        return PixelVideo() if pixels else SDVideoLatent()
+    return PixelImage() if pixels else comfy.latent_formats.SD15()
+
+
+# ----------------------------------------------------------------------------- model config
+
+
+class SkipDiTModelConfig(comfy.supported_models_base.BASE):
+    """ComfyUI's model config of one of our families: the DDPM linear schedule ("sqrt_linear" in
+    ComfyUI), epsilon prediction, the family's latent format."""
+
+    unet_extra_config = {}
+    memory_usage_factor = 2.0
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+
+    def __init__(self, family: str, in_channels: int):
+        super().__init__({"disable_unet_model_creation": True, "image_model": f"skipdit_{family}", "in_channels": in_channels})
+        self.family = family
+        self.sampling_settings = adapters.sampling_settings(family)
+        self.latent_format = latent_format_for(family, in_channels)
+
+    def inpaint_model(self):
+        return False
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+
+class ComfyForward:
+    """ComfyUI's call `(x, t, context=..., y=..., control=..., transformer_options=..., **extra)` -> our
+    model's forward, with the Skip-Cache cut of the current call (set by Apply Skip-Cache's APPLY_MODEL
+    wrapper in transformer_options). Mixed in front of a skipdit_core model class."""
+
+    def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, encoder_attention_mask=None, **kwargs):
+        state = transformer_options.get(STATE_KEY)
+        cut = state.current_cut if state is not None else None
+        self._ensure_device(x.device)
+        family, config = self.family, self.config
+        h = adapters.to_model_layout(family, x)
+        if family == "latte_t2v":
+            if context is None:
+                raise ValueError("Latte T2V needs text conditioning: use Latte T2V Text Encode with a T5-XXL text encoder")
+            out = super().forward(h, timesteps, context, encoder_attention_mask, cut=cut)
+        else:
+            labelled = config.num_classes > 0
+            if labelled and y is None:
+                raise ValueError(
+                    f"this {adapters.FAMILY_LABELS[family]} model is class-conditional: condition it with Skip-DiT Class Label"
+                )
+            out = super().forward(h, timesteps, y if labelled else None, cut=cut)
+        return adapters.to_comfy_output(family, out, config.in_channels)
+
+    def _ensure_device(self, device: torch.device) -> None:
+        # ModelPatcher moves leaf modules only (partial loads): tensors held by non-leaf modules (position
+        # tables, LatteT2V's scale_shift_table) would stay behind. Move the whole model if anything did.
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            if t.device != device:
+                logging.debug("Skip-DiT: moving %s to %s", type(self).__name__, device)
+                self.to(device)
+                return
+
+
+_ADAPTER_CLASSES: dict[str, type] = {}
+
+
+def adapter_class(family: str) -> type:
+    """`ComfyForward` in front of the family's skipdit_core model class."""
+    if family not in _ADAPTER_CLASSES:
+        base = core_models.FAMILIES[family].model_cls
+        _ADAPTER_CLASSES[family] = type(f"Comfy{base.__name__}", (ComfyForward, base), {})
+    return _ADAPTER_CLASSES[family]
+
+
+# ----------------------------------------------------------------------------- BaseModel
+
+
+class SkipDiTModel(comfy.model_base.BaseModel):
+    """A ComfyUI BaseModel around our adapter: EPS prediction, DDPM linear schedule; the class-label and
+    T5-text conditioning of the family reach the adapter through `extra_conds`."""
+
+    def __init__(self, model_config: SkipDiTModelConfig, diffusion_model: torch.nn.Module, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device)
+        self.diffusion_model = diffusion_model
+        self.family = model_config.family
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        family, config = self.family, self.diffusion_model.config
+        if family in ("dit", "latte"):
+            out.pop("c_crossattn", None)  # the class-label conditioning's placeholder tensor carries nothing
+            label = kwargs.get(adapters.LABEL_KEY)
+            if label is not None and config.num_classes > 0:
+                out["y"] = comfy.conds.CONDRegular(adapters.resolve_labels(label, config.num_classes))
+        elif family == "latte_t2v":
+            cross_attn = kwargs.get("cross_attn")
+            if cross_attn is not None:
+                # As core PixArt: conditionings of different token counts run in separate batches
+                # instead of being repeated to a common length.
+                out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+            mask = kwargs.get("attention_mask")
+            if mask is not None and cross_attn is not None and mask.shape[-1] == cross_attn.shape[1]:
+                out["encoder_attention_mask"] = comfy.conds.CONDRegular(mask.reshape(mask.shape[0], -1))
+        return out
+
+
+WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def pick_dtype(weight_dtype: str, sd: dict) -> torch.dtype:
+    """The weight dtype option -> a dtype; "default" asks ComfyUI (float32 on the CPU, else by device)."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    if dtype is not None:
+        return dtype
+    params = sum(t.numel() for t in sd.values())
+    stored = next((t.dtype for t in sd.values() if t.is_floating_point()), None)
+    return comfy.model_management.unet_dtype(
+        model_params=params, supported_dtypes=SkipDiTModelConfig.supported_inference_dtypes, weight_dtype=stored
+    )
+
+
+def model_patcher(ckpt: Checkpoint, dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around our model of `ckpt`'s family, its weights loaded strictly."""
+    model = adapter_class(ckpt.family)(ckpt.config)
+    load_weights(model, ckpt.state_dict, ckpt.path)
+    model = model.to(dtype=dtype).eval()
+    config = SkipDiTModelConfig(ckpt.family, ckpt.config.in_channels)
+    config.set_inference_dtype(dtype, None)
+    offload = comfy.model_management.unet_offload_device()
+    base = SkipDiTModel(config, model, device=offload)
+    base.to(offload)
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(), offload_device=offload)

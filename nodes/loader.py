@@ -1,0 +1,149 @@
+"""Load Skip-DiT Model: one loader for every Skip-DiT-capable family.
+
+Files come from ComfyUI's `diffusion_models` folders and from our own `skipdit` folder
+(`models/skipdit/`, registered here; `extra_model_paths.yaml` may add more under the name `skipdit`).
+skipdit_core detects the family and config and loads DiT / Latte / Latte T2V strictly into our models
+(`comfy_model`). Hunyuan-DiT (Tencent layout, diffusers layout mapped by skipdit_core, or a ComfyUI
+all-in-one checkpoint) is delegated to ComfyUI's own Hunyuan-DiT model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from skipdit_core.loading import CheckpointError, inspect_checkpoint, read_state_dict
+from skipdit_core.models import hunyuan as core_hunyuan
+
+from . import adapters
+from .comfy_model import WEIGHT_DTYPES, model_patcher, pick_dtype
+
+FOLDER = "skipdit"
+
+
+def register_model_folder() -> None:
+    """models/skipdit/ (under ComfyUI's models directory, so --base-directory moves it too)."""
+    path = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(FOLDER, path)
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([path], set(folder_paths.supported_pt_extensions))
+
+
+def checkpoint_names() -> list[str]:
+    names = set(folder_paths.get_filename_list(FOLDER)) | set(folder_paths.get_filename_list("diffusion_models"))
+    return sorted(names)
+
+
+def checkpoint_path(name: str) -> str:
+    return folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path_or_raise("diffusion_models", name)
+
+
+def _safetensors_keys(path: str):
+    """The tensor names of a .safetensors file from its header alone, or None for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (size,) = struct.unpack("<Q", head)
+            if size > 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        return [k for k in header if k != "__metadata__"]
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _core_hunyuan(sd: dict, path: str, weight_dtype: str, layout: str):
+    """Hand a Tencent-layout Hunyuan-DiT state dict to ComfyUI's own model (after checking it fits)."""
+    try:
+        config = core_hunyuan.config_from_state_dict(sd)
+    except (KeyError, ValueError, StopIteration) as e:
+        raise ValueError(f"{path}: not a complete Hunyuan-DiT ({e})") from None
+    problems = adapters.core_hunyuan_problems(config)
+    if problems:
+        raise ValueError(f"{path}: ComfyUI's Hunyuan-DiT cannot hold this model: " + "; ".join(problems))
+    options = {} if WEIGHT_DTYPES[weight_dtype] is None else {"dtype": WEIGHT_DTYPES[weight_dtype]}
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options)
+    if patcher is None:
+        raise ValueError(f"{path}: ComfyUI did not recognise this Hunyuan-DiT state dict")
+    info = f"hunyuan ({layout} layout) -> ComfyUI's Hunyuan-DiT: depth {config.depth}, width {config.hidden_size}"
+    return patcher, info
+
+
+def load(path: str, weight_dtype: str = "default"):
+    """(MODEL, one-line description) of a checkpoint file; ValueError with the reason otherwise."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    keys = _safetensors_keys(path)
+    if keys is not None and adapters.is_comfy_all_in_one(keys):
+        sd, _, _ = read_state_dict(path)
+        return _load_all_in_one(sd, path, weight_dtype)
+    try:
+        ckpt = inspect_checkpoint(path)
+    except CheckpointError as e:
+        if keys is None and os.path.isfile(path):  # a pickle: perhaps an all-in-one .ckpt
+            try:
+                sd, _, _ = read_state_dict(path)
+            except CheckpointError:
+                sd = {}
+            if adapters.is_comfy_all_in_one(sd):
+                return _load_all_in_one(sd, path, weight_dtype)
+        raise ValueError(str(e)) from None
+    if ckpt.family == "hunyuan":
+        return _core_hunyuan(ckpt.state_dict, path, weight_dtype, ckpt.layout)
+    dtype = pick_dtype(weight_dtype, ckpt.state_dict)
+    d = ckpt.describe()
+    info = (
+        f"{d['family']} ({d['description']}), {d['variant']} with {d['long_skips']} long skips, "
+        f"{d['parameters']:,} parameters, {adapters.latent_space(ckpt.config.in_channels)} space, weights {dtype}"
+    )
+    return model_patcher(ckpt, dtype), info
+
+
+def _load_all_in_one(sd: dict, path: str, weight_dtype: str):
+    unet = adapters.strip_prefix(sd)
+    if "mlp_t5.0.weight" not in unet:
+        raise ValueError(
+            f"{path}: an all-in-one checkpoint of a model that is not Hunyuan-DiT; load it with ComfyUI's Load Checkpoint"
+        )
+    return _core_hunyuan(unet, path, weight_dtype, "ComfyUI all-in-one")
+
+
+class LoadSkipDiTModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SkipDiTModelLoader",
+            display_name="Load Skip-DiT Model",
+            category="Skip-DiT",
+            description=(
+                "Loads a DiT, Latte, Latte T2V or Hunyuan-DiT checkpoint (Skip-DiT or vanilla) from models/skipdit or "
+                "models/diffusion_models; family and config are detected from the weights. Returns a native MODEL "
+                "for the stock samplers. Hunyuan-DiT becomes ComfyUI's own Hunyuan-DiT model."
+            ),
+            inputs=[
+                io.Combo.Input("checkpoint", options=checkpoint_names(), tooltip="A file in models/skipdit or models/diffusion_models."),
+                io.Combo.Input(
+                    "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                    tooltip="default: ComfyUI's choice for the device (float32 on the CPU).",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint, weight_dtype) -> io.NodeOutput:
+        path = checkpoint_path(checkpoint)
+        model, info = load(path, weight_dtype)
+        logging.info(f"Load Skip-DiT Model: {checkpoint}: {info}")
+        return io.NodeOutput(model)
+
+
+register_model_folder()

@@ -1,0 +1,216 @@
+"""Apply Skip-Cache: MODEL -> MODEL, on the pack's Skip-DiT models and on ComfyUI's own Hunyuan-DiT.
+
+Built on `ModelPatcher.clone()` and ComfyUI's extension points only:
+- an OUTER_SAMPLE wrapper resets the per-run state before a sampling run and, in a `finally`, logs the
+  cached / full steps with the measured speedup and resets it again (also after an interruption);
+- an APPLY_MODEL wrapper decides every model call (`SkipCacheState.begin`, i.e. skipdit_core's
+  `SkipCacheRun` per batch composition, the step identified by its sigma) and times it;
+- our models read the cut of the current call from transformer_options and pass it as `cut=`;
+- ComfyUI's HunYuanDiT gets `double_block` replace patches (`set_model_patch_replace`): on a cached step
+  blocks [k, L-k) are bypassed and block L-k-1 hands on the deep state of the last full step. The skip
+  push / pop of core's block loop stays outside the patches: bypassed shallow blocks push their input,
+  bypassed deep blocks pop those same entries, so deep blocks L-k..L-1 still receive the fresh outputs of
+  blocks k-1..0.
+The state lives in the clone's transformer_options: the input model is untouched, and removing the node
+removes the effect.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+import comfy.patcher_extension
+from comfy.ldm.hydit.models import HunYuanDiT
+from comfy_api.latest import io
+
+from . import adapters
+from .cache_state import STATE_KEY, CacheTarget, SkipCacheState
+from .comfy_model import SkipDiTModel
+
+WRAPPER_KEY = "skipdit_skip_cache"
+WRAPPERS = comfy.patcher_extension.WrappersMP
+
+
+def cache_target(model) -> CacheTarget:
+    """What Apply Skip-Cache can cut in this MODEL, or a clear error."""
+    base = model.model
+    dm = getattr(base, "diffusion_model", None)
+    if isinstance(base, SkipDiTModel):
+        stack = dm.stack
+        if stack.num_skips == 0:
+            raise ValueError(
+                f"Apply Skip-Cache: this {adapters.FAMILY_LABELS[base.family]} checkpoint has no long skips (a vanilla "
+                "model): Skip-Cache needs a Skip-DiT (the '-skip' checkpoints)"
+            )
+        return CacheTarget(base.family, adapters.FAMILY_LABELS[base.family], stack, getattr(dm, "blocks_per_unit", 1))
+    if isinstance(dm, HunYuanDiT):
+        return CacheTarget("hunyuan", "Hunyuan-DiT (ComfyUI)", adapters.core_hunyuan_stack(dm.depth), 1, core_model=True)
+    raise ValueError(
+        f"Apply Skip-Cache: {type(base).__name__} has no long skips to cut. It works on the models of Load Skip-DiT "
+        "Model (Skip-DiT DiT / Latte / Latte T2V) and on Hunyuan-DiT"
+    )
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Around a whole sampling run (CFGGuider.outer_sample): fresh state, then the log line."""
+    guider = executor.class_obj
+    state = guider.model_options.get("transformer_options", {}).get(STATE_KEY)
+    if state is None:
+        return executor(*args, **kwargs)
+    state.reset()
+    finished = False
+    try:
+        out = executor(*args, **kwargs)
+        finished = True
+        return out
+    finally:
+        level, message = state.summary(interrupted=not finished)
+        logging.log(level, message)
+        state.reset()  # drop the cached tensors with the run
+
+
+def apply_model_wrapper(executor, *args, **kwargs):
+    """Around BaseModel._apply_model(x, sigma, c_concat, c_crossattn, control, transformer_options, ...)."""
+    x, sigma = args[0], args[1]
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    state = options.get(STATE_KEY) if isinstance(options, dict) else None
+    if state is None:
+        return executor(*args, **kwargs)
+    base = executor.class_obj
+    timestep = float(base.model_sampling.timestep(sigma.reshape(-1)[:1]).float()[0])
+    key = (tuple(options.get("uuids") or ()), tuple(options.get("cond_or_uncond") or ()), tuple(x.shape))
+    cut = state.begin(key, float(sigma.reshape(-1)[0]), timestep)
+    start = time.perf_counter()
+    try:
+        out = executor(*args, **kwargs)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+    except BaseException:
+        state.abort()
+        raise
+    state.end(key, cut, time.perf_counter() - start)
+    return out
+
+
+class HunyuanBlockPatch:
+    """A `double_block` replace patch of ComfyUI's HunYuanDiT for block `index` in [k, L-k).
+
+    Callable object (not a closure): ModelPatcher.clone() deep-copies model_options, and the copy of the
+    patch must point at the copy of the state. `inner` is a patch another node had set on this block,
+    called instead of the original block (patches coexist)."""
+
+    def __init__(self, state: SkipCacheState, index: int, inner=None):
+        self.state = state
+        self.index = index
+        self.inner = inner
+
+    def _run(self, args, extra):
+        return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+
+    def __call__(self, args, extra):
+        cut = self.state.current_cut
+        if cut is None:
+            return self._run(args, extra)
+        last = self.state.target.stack.num_units - cut.depth - 1  # block L-k-1: its output is the deep state
+        if cut.cached is not None:
+            return {"img": cut.cached if self.index == last else args["img"]}
+        out = self._run(args, extra)
+        if self.index == last:
+            cut.captured = out["img"]
+        return out
+
+
+def _without_our_patches(model) -> None:
+    """Remove patches of an earlier Apply Skip-Cache on this (cloned) model; keep other nodes' patches."""
+    options = model.model_options["transformer_options"]
+    replace = options.get("patches_replace", {}).get("dit")
+    if not replace:
+        return
+    options["patches_replace"] = dict(options["patches_replace"])
+    kept = {}
+    for key, patch in replace.items():
+        while isinstance(patch, HunyuanBlockPatch):
+            patch = patch.inner
+        if patch is not None:
+            kept[key] = patch
+    options["patches_replace"]["dit"] = kept
+
+
+# ----------------------------------------------------------------------------- the node
+
+
+class ApplySkipCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SkipDiTApplySkipCache",
+            display_name="Apply Skip-Cache",
+            category="Skip-DiT",
+            description=(
+                "Skip-Cache (Skip-DiT): on cached steps only the first and last k blocks of the model run, fed the "
+                "deep features of the last full step through the long skips. Works on the Skip-DiT models of Load "
+                "Skip-DiT Model and on Hunyuan-DiT. Logs the cached / full steps and the measured speedup after "
+                "each run."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A Skip-DiT model (Load Skip-DiT Model) or a Hunyuan-DiT model."),
+                io.Int.Input(
+                    "interval", default=2, min=1, max=64,
+                    tooltip="n: one full step every n steps inside the window; the others are cached. 1 = off "
+                    "(identical to the uncached model).",
+                ),
+                io.Combo.Input(
+                    "settings", options=["auto", "custom"], default="auto",
+                    tooltip="auto: the authors' window and depth for the model's family (Latte 900->50 k=1, Latte "
+                    "T2V 700->50 k=1, DiT 1000->20 k=4 (at most the model's skips), Hunyuan-DiT 700->50 k=1); start / end / depth below are "
+                    "then ignored. custom: use them.",
+                ),
+                io.Combo.Input(
+                    "window_unit", options=list(adapters.WINDOW_UNITS), default="timesteps",
+                    tooltip="custom window in training timesteps (1000 = pure noise, 0 = clean, like the paper) or "
+                    "in percent of sampling progress (0 = start, 100 = end).",
+                ),
+                io.Float.Input(
+                    "start", default=700.0, min=0.0, max=1000.0, step=1.0,
+                    tooltip="Steps at or above this timestep (or before this percent) are always full.",
+                ),
+                io.Float.Input(
+                    "end", default=50.0, min=0.0, max=1000.0, step=1.0,
+                    tooltip="After a step at or below this timestep (or past this percent) the cache is dropped: "
+                    "the last steps run in full.",
+                ),
+                io.Int.Input(
+                    "depth", default=1, min=1, max=64,
+                    tooltip="k: units recomputed at each end on cached steps (blocks; (spatial, temporal) block "
+                    "pairs for Latte). At most the model's number of long skips.",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with Skip-Cache; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, interval, settings, window_unit, start, end, depth) -> io.NodeOutput:
+        target = cache_target(model)
+        config = adapters.cache_config(
+            target.family, interval, settings, window_unit, start, end, depth, num_skips=target.stack.num_skips
+        )
+        state = SkipCacheState(config, target)  # checks k against the model's long skips
+        patched = model.clone()
+        patched.model_options["transformer_options"][STATE_KEY] = state
+        for kind, wrapper in ((WRAPPERS.OUTER_SAMPLE, outer_sample_wrapper), (WRAPPERS.APPLY_MODEL, apply_model_wrapper)):
+            patched.remove_wrappers_with_key(kind, WRAPPER_KEY)  # applying the node twice: the last one wins
+            patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+        if target.core_model:
+            _without_our_patches(patched)
+            existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+            L, k = target.stack.num_units, config.depth
+            for i in range(k, L - k):
+                inner = existing.get(("double_block", i))
+                patched.set_model_patch_replace(HunyuanBlockPatch(state, i, inner), "dit", "double_block", i)
+        logging.info(f"Skip-Cache set up on {target.label}: {state.describe_settings()}")
+        return io.NodeOutput(patched)

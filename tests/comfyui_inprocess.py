@@ -1,0 +1,287 @@
+"""Checks that need ComfyUI's Python objects, run in a separate process by test_comfyui_integration.py:
+
+    python tests/comfyui_inprocess.py COMFYUI_PATH PACK_DIR BASE_DIR CHECK[,CHECK...]
+
+ComfyUI is imported as its server does (`--cpu`, `--base-directory BASE_DIR`), the pack is loaded with
+ComfyUI's own `nodes.load_custom_node`, and the nodes are called with real ComfyUI models, conditioning
+and `nodes.common_ksampler`. Block calls are counted with forward hooks on the model's blocks (test-side
+instrumentation, independent of the pack's own statistics). Prints one JSON object per check.
+
+CHECK: "hunyuan" (ComfyUI's own Hunyuan-DiT through our loader and Apply Skip-Cache), "latte_t2v"
+(text conditioning of two lengths: cond and uncond in separate batches), "heun" (a sampler that
+evaluates the model twice per step).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+
+
+def setup(comfy_path: str, base_dir: str):
+    sys.path.insert(0, comfy_path)
+    os.chdir(comfy_path)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.base_directory = base_dir
+    import nodes  # ComfyUI's nodes.py (registers the core nodes)
+
+    return nodes
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def block_counter(blocks):
+    counts = {"calls": 0}
+
+    def hook(module, inputs):
+        counts["calls"] += 1
+
+    for b in blocks:
+        b.register_forward_pre_hook(hook)
+    return counts
+
+
+def to_diffusers_layout(sd: dict) -> dict:
+    """Tencent-layout Hunyuan-DiT state dict -> diffusers' HunyuanDiT2DModel layout: the inverse of
+    skipdit_core's mapping tables (a file as diffusers saves it, to load through the pack's loader)."""
+    import re
+
+    import torch
+    from skipdit_core.models import hunyuan as h
+
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"(blocks\.\d+\.)(.*)", key)
+        if m is None:
+            d, t = next((d, t) for d, t in h._TOP_RENAMES if key.startswith(t))
+            new = d + key[len(t):]
+            if key.startswith("final_layer.adaLN_modulation.1."):
+                shift, scale = value.chunk(2, dim=0)
+                value = torch.cat([scale, shift], dim=0)
+            out[new] = value
+            continue
+        prefix, rest = m.groups()
+        split = {"attn1.Wqkv.": ("attn1.to_q.", "attn1.to_k.", "attn1.to_v."), "attn2.kv_proj.": ("attn2.to_k.", "attn2.to_v.")}
+        fused = next((f for f in split if rest.startswith(f)), None)
+        if fused is not None:
+            for name, part in zip(split[fused], value.chunk(len(split[fused]), dim=0)):
+                out[prefix + name + rest[len(fused):]] = part
+            continue
+        d, t = next((d, t) for d, t in h._BLOCK_RENAMES if rest.startswith(t))
+        out[prefix + d + rest[len(t):]] = value
+    return out
+
+
+def tiny_t5_clip():
+    """A ComfyUI CLIP object with ComfyUI's PixArt T5 tokenizer and a 2-layer, 32-wide T5 encoder with random
+    weights: the text path of Load CLIP (type pixart) at test size (T5-XXL itself is 4.7 B parameters)."""
+    import torch
+
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5
+    import comfy.text_encoders.t5
+
+    config = {"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 32128,
+              "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "layer_norm_epsilon": 1e-6, "model_type": "t5",
+              "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
+
+    class TinyT5(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, textmodel_json_config=config, dtype=dtype, special_tokens={"end": 1, "pad": 0},
+                             model_class=comfy.text_encoders.t5.T5, model_options={**model_options, "model_name": "t5xxl"})
+
+    class TinyTE(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=TinyT5, model_options=model_options)
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer, TinyTE))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.ndim == 1 else 0.0))
+    return clip
+
+
+def run_sampler(nodes, model, positive, negative, latent, steps, cfg, sampler="euler", seed=3):
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", positive, negative, latent)
+    return out["samples"]
+
+
+def rel_diff(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1):
+    return node.execute(model, n, "custom", "timesteps", start, end, depth).args[0]
+
+
+def main():
+    comfy_path, pack_dir, base_dir, checks = sys.argv[1:5]
+    nodes = setup(comfy_path, base_dir)
+    records = Records()
+    logging.getLogger().addHandler(records)
+    logging.getLogger().setLevel(logging.INFO)
+    ok = asyncio.run(nodes.load_custom_node(pack_dir))
+    pack = sys.modules[pack_dir.replace(".", "_x_")]
+    for check in checks.split(","):
+        records.messages.clear()
+        result = run_check(check, nodes, pack, base_dir, loaded=bool(ok))
+        result["log"] = [m for m in records.messages if m.startswith("Skip-Cache")]
+        print("RESULT " + json.dumps({"check": check, **result}), flush=True)
+
+
+def run_check(check, nodes, pack, base_dir, loaded):
+    import torch
+
+    loader = nodes.NODE_CLASS_MAPPINGS["SkipDiTModelLoader"]
+    apply = nodes.NODE_CLASS_MAPPINGS["SkipDiTApplySkipCache"]
+    state_mod = sys.modules[pack.__name__ + ".nodes.cache_state"]
+    result = {"loaded": loaded}
+    torch.manual_seed(0)
+
+    if check == "hunyuan":
+        model = loader.execute("hunyuan-core-tiny.safetensors", "fp32").args[0]
+        dm = model.model.diffusion_model
+        result["model_class"] = type(dm).__module__ + "." + type(dm).__name__
+        counts = block_counter(dm.blocks)
+        clip = torch.randn(1, 77, 1024) * 0.5
+        t5 = torch.randn(1, 256, 2048) * 0.5
+        extra = {"attention_mask": torch.ones(1, 77), "conditioning_mt5xl": t5, "attention_mask_mt5xl": torch.ones(1, 256)}
+        positive = [[clip, dict(extra)]]
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        steps = 6
+        runs = {}
+        for name, m in (("plain", model), ("n1", skip_cache(apply, model, 1)), ("n2", skip_cache(apply, model, 2))):
+            counts["calls"] = 0
+            runs[name] = run_sampler(nodes, m, positive, positive, latent, steps, 1.0)
+            result[f"block_calls_{name}"] = counts["calls"]
+        result["n1_identical"] = bool(torch.equal(runs["n1"], runs["plain"]))
+        result["n2_rel_diff"] = rel_diff(runs["n2"], runs["plain"])
+        result["depth"] = dm.depth
+        # The input model is untouched: no state, no patches, and it samples as before.
+        options = model.model_options["transformer_options"]
+        result["input_untouched"] = state_mod.STATE_KEY not in options and not options.get("patches_replace")
+        result["plain_again_identical"] = bool(torch.equal(run_sampler(nodes, model, positive, positive, latent, steps, 1.0), runs["plain"]))
+        # Applied twice: the last application wins, with one set of patches and one wrapper of each kind.
+        twice = skip_cache(apply, skip_cache(apply, model, 3, depth=2), 2)
+        patch_mod = sys.modules[pack.__name__ + ".nodes.skip_cache_patch"]
+        patches = twice.model_options["transformer_options"]["patches_replace"]["dit"]
+        state = twice.model_options["transformer_options"][state_mod.STATE_KEY]
+        result["twice"] = {
+            "interval": state.config.interval,
+            "patched_blocks": sorted(i for _, i in patches),
+            "own_state": all(p.state is state and p.inner is None for p in patches.values()),
+            "wrappers": [len(twice.get_wrappers(kind, patch_mod.WRAPPER_KEY)) for kind in ("outer_sample", "apply_model")],
+        }
+        result["steps"] = steps
+        # Exact hand-over: a full call, then a cached call on the same input, through the patched model.
+        patched = skip_cache(apply, model, 2)
+        state = patched.model_options["transformer_options"][state_mod.STATE_KEY]
+        base = patched.model
+        sigma = base.model_sampling.sigma(torch.tensor([500.0]))
+        x = torch.randn(1, 4, 8, 8) * float(sigma)
+        conds = {"c_crossattn": clip, "text_embedding_mask": extra["attention_mask"], "encoder_hidden_states_t5": t5,
+                 "text_embedding_mask_t5": extra["attention_mask_mt5xl"], "image_meta_size": torch.tensor([[64.0, 64, 64, 64, 0, 0]])}
+        options = patched.model_options["transformer_options"]
+        outs = []
+        state.reset()
+        for i, step_sigma in enumerate((1.0, 0.5)):  # two steps: full (captures), then cached (n=2)
+            cut = state.begin("k", step_sigma, 500.0)
+            outs.append((cut is not None and cut.cached is not None, base.apply_model(x, sigma, transformer_options=options, **conds)))
+            state.end("k", cut, 0.0)
+        result["handoff_kinds"] = [kind for kind, _ in outs]
+        result["handoff_exact"] = bool(torch.equal(outs[0][1], outs[1][1]))
+        result["handoff_max_abs"] = float((outs[0][1] - outs[1][1]).abs().max().detach())
+    elif check == "hunyuan_layouts":
+        from safetensors.torch import load_file, save_file
+
+        own = os.path.join(base_dir, "models", "skipdit")
+        sd = load_file(os.path.join(own, "hunyuan-core-tiny.safetensors"))
+        save_file(to_diffusers_layout(sd), os.path.join(own, "hunyuan-tiny-diffusers.safetensors"))
+        aio = {"model.diffusion_model." + k: v for k, v in sd.items()}
+        aio["vae.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)  # stands for the VAE / text encoders beside it
+        save_file(aio, os.path.join(own, "hunyuan-tiny-all-in-one.safetensors"))
+        files = {"tencent": "hunyuan-core-tiny.safetensors", "diffusers": "hunyuan-tiny-diffusers.safetensors",
+                 "all_in_one": "hunyuan-tiny-all-in-one.safetensors"}
+        weights, result["classes"] = {}, {}
+        for kind, name in files.items():
+            dm = loader.execute(name, "fp32").args[0].model.diffusion_model
+            result["classes"][kind] = type(dm).__name__
+            weights[kind] = dm.state_dict()
+        result["same_weights"] = {
+            kind: weights[kind].keys() == weights["tencent"].keys()
+            and all(torch.equal(weights[kind][k], weights["tencent"][k]) for k in weights["tencent"])
+            for kind in ("diffusers", "all_in_one")
+        }
+    elif check == "latte_t2v":
+        model = loader.execute("latte-t2v-tiny-skip.safetensors", "default").args[0]
+        dm = model.model.diffusion_model
+        counts = block_counter(list(dm.transformer_blocks) + list(dm.temporal_transformer_blocks))
+        positive = [[torch.randn(1, 7, 32), {}]]
+        negative = [[torch.randn(1, 3, 32), {}]]  # another token count: cond and uncond run as separate batches
+        latent = {"samples": torch.zeros(1, 4, 3, 8, 8)}
+        steps = 6
+        runs = {}
+        for name, m in (("plain", model), ("n1", skip_cache(apply, model, 1)), ("n2", skip_cache(apply, model, 2))):
+            counts["calls"] = 0
+            runs[name] = run_sampler(nodes, m, positive, negative, latent, steps, 3.0)
+            result[f"block_calls_{name}"] = counts["calls"]
+        result["n1_identical"] = bool(torch.equal(runs["n1"], runs["plain"]))
+        result["n2_rel_diff"] = rel_diff(runs["n2"], runs["plain"])
+        result["shape"] = list(runs["plain"].shape)
+    elif check == "t5":
+        clip = tiny_t5_clip()
+        encode = nodes.NODE_CLASS_MAPPINGS["SkipDiTLatteT2VTextEncode"]
+        positive = encode.execute(clip, "a red ball bounces over a green field " * 40, 120).args[0]
+        negative = encode.execute(clip, "", 120).args[0]
+        result["positive_shape"] = list(positive[0][0].shape)
+        result["negative_shape"] = list(negative[0][0].shape)
+        model = loader.execute("latte-t2v-tiny-skip.safetensors", "default").args[0]
+        latent = {"samples": torch.zeros(1, 4, 2, 8, 8)}
+        plain = run_sampler(nodes, model, positive, negative, latent, 4, 4.0)
+        n2 = run_sampler(nodes, skip_cache(apply, model, 2), positive, negative, latent, 4, 4.0)
+        result["finite"] = bool(torch.isfinite(plain).all() and torch.isfinite(n2).all())
+        result["n2_rel_diff"] = rel_diff(n2, plain)
+    elif check == "vae_decode":
+        import comfy.sd
+        import comfy.taesd.taesd
+
+        g = torch.Generator().manual_seed(0)  # a TAESD-shaped image VAE with random weights stands for the SD VAE
+        sd = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in comfy.taesd.taesd.TAESD().state_dict().items()}
+        vae = comfy.sd.VAE(sd=sd)
+        latent = torch.randn(2, 4, 3, 8, 8)  # two videos of three frames
+        images = nodes.NODE_CLASS_MAPPINGS["SkipDiTDecodeVideo"].execute({"samples": latent}, vae).args[0]
+        result["shape"] = list(images.shape)
+        # frame 2 of video 1 is image 5, decoded alone
+        result["order_ok"] = bool(torch.allclose(images[5], vae.decode(latent[1:2, :, 2])[0], atol=1e-5))
+    elif check == "heun":
+        model = loader.execute("latte-tiny-pixels-skip.safetensors", "default").args[0]
+        label = nodes.NODE_CLASS_MAPPINGS["SkipDiTClassLabel"].execute(1).args
+        latent = {"samples": torch.zeros(1, 3, 4, 8, 8)}
+        steps = 6
+        plain = run_sampler(nodes, model, label[0], label[1], latent, steps, 3.0, sampler="heun")
+        n1 = run_sampler(nodes, skip_cache(apply, model, 1), label[0], label[1], latent, steps, 3.0, sampler="heun")
+        n2 = run_sampler(nodes, skip_cache(apply, model, 2), label[0], label[1], latent, steps, 3.0, sampler="heun")
+        result["n1_identical"] = bool(torch.equal(n1, plain))
+        result["n2_rel_diff"] = rel_diff(n2, plain)
+        result["steps"] = steps
+    else:
+        raise SystemExit(f"unknown check {check!r}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

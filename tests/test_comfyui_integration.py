@@ -1,0 +1,422 @@
+"""The node pack inside a real ComfyUI. Skipped unless COMFYUI_PATH points at a ComfyUI checkout:
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/test_comfyui_integration.py
+
+Run it with the Python of ComfyUI's environment (it starts ComfyUI with the same interpreter; set
+COMFYUI_PYTHON to use another). One `--cpu` server is started for the module, with a temporary
+`--base-directory` whose custom_nodes/ holds a link to this repository and whose models/ holds tiny
+random models written with skipdit_core. Checks that need ComfyUI's Python objects (ComfyUI's own
+Hunyuan-DiT with synthetic text conditioning, a test-size T5 encoder, forward-hook block counts) run in
+one separate process
+(tests/comfyui_inprocess.py). Child processes get OMP_NUM_THREADS=1: tiny models on a shared CPU are
+many times slower with more threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set")
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui-skipdit"
+NODE_IDS = [
+    "SkipDiTModelLoader", "SkipDiTApplySkipCache", "SkipDiTClassLabel", "SkipDiTLatteT2VTextEncode",
+    "SkipDiTEmptyLatteLatent", "SkipDiTDecodeVideo",
+]
+LATTE = "latte-tiny-pixels-skip.safetensors"
+SUMMARY = re.compile(r"Skip-Cache \[(?P<label>[^\]]*)\]: (?P<interrupted>interrupted after )?(?P<full>\d+) full \+ "
+                     r"(?P<cached>\d+) cached of (?P<steps>\d+) steps .*?; (?P<run>\d+) of (?P<all>\d+) blocks run")
+
+
+def child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def write_model(path: Path, family: str, preset=None, dtype=None, **overrides) -> None:
+    from helpers import randomize
+    from skipdit_core import models
+    from skipdit_core.loading import save_safetensors
+
+    config = models.make_config(family, overrides, preset=preset)
+    torch.manual_seed(0)
+    model = randomize(models.build_model(family, config), seed=1)  # no zero-initialised output layers
+    save_safetensors(model.state_dict(), path, family, config, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("comfy-base")
+    for sub in ("custom_nodes", "models/skipdit", "models/diffusion_models", "user", "input", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    own, core = base / "models/skipdit", base / "models/diffusion_models"
+    write_model(own / LATTE, "latte", "Latte-tiny", in_channels=3, skip=True)  # pixel space, 4 pairs, 2 long skips
+    write_model(own / "latte-t2v-tiny-skip.safetensors", "latte_t2v", "Latte-T2V-tiny", skip=True)
+    write_model(core / "dit-tiny-skip.safetensors", "dit", "DiT-tiny", skip=True)
+    write_model(core / "dit-tiny-vanilla.safetensors", "dit", "DiT-tiny")
+    # The smallest Hunyuan-DiT ComfyUI's own model can hold: its text layers are full size (42 M parameters).
+    write_model(own / "hunyuan-core-tiny.safetensors", "hunyuan", None, dtype=torch.float16, depth=6, hidden_size=128,
+                num_heads=16, mlp_ratio=4.0, use_style_cond_and_image_meta_size=False)
+    (base / "models/loras").mkdir()
+    g = torch.Generator().manual_seed(4)  # a rank-4 LoRA on the first spatial block's qkv, kohya key names
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_blocks_0_attn_qkv.lora_up.weight": torch.randn(384, 4, generator=g) * 0.5,
+               "lora_unet_blocks_0_attn_qkv.lora_down.weight": torch.randn(4, 128, generator=g) * 0.5,
+               "lora_unet_blocks_0_attn_qkv.alpha": torch.tensor(4.0)}, str(base / "models/loras/latte-tiny-lora.safetensors"))
+    (own / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    return base
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.base = base
+        self.log_path = base / "server.log"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
+               "--database-url", f"sqlite:///{base}/user/comfyui.db"]
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=child_env())
+
+    def log(self, start: int = 0) -> str:
+        return self.log_path.read_text(errors="replace")[start:]
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/object_info/KSampler", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        raise TimeoutError(f"ComfyUI did not answer in {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+    def get(self, path: str):
+        return json.load(urllib.request.urlopen(self.url + path, timeout=30))
+
+    def post(self, path: str, data: dict):
+        req = urllib.request.Request(self.url + path, json.dumps(data).encode(), {"Content-Type": "application/json"})
+        body = urllib.request.urlopen(req, timeout=30).read()
+        return json.loads(body) if body else None
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": "pytest"})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.log()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 120.0) -> tuple[dict, str]:
+        """Queue, wait; (history entry, the log written meanwhile)."""
+        start = len(self.log())
+        entry = self.wait(self.queue(prompt), timeout)
+        time.sleep(0.2)  # the log line of a run's end is written right after the node finishes
+        return entry, self.log(start)
+
+
+@pytest.fixture(scope="module")
+def server(base_dir):
+    srv = Server(base_dir)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def load_latent(base: Path, prefix: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    (path,) = sorted((base / "output" / "latents").glob(f"{prefix}_*.latent"))
+    return load_file(str(path))["latent_tensor"]
+
+
+def summaries(log: str) -> list[dict]:
+    return [m.groupdict() for m in SUMMARY.finditer(log)]
+
+
+def latte_prompt(prefix: str, n=None, seed=1, steps=10, cfg=4.0, dtype="default", sampler="euler", video=False) -> dict:
+    p = {
+        "1": {"class_type": "SkipDiTModelLoader", "inputs": {"checkpoint": LATTE, "weight_dtype": dtype}},
+        "2": {"class_type": "SkipDiTClassLabel", "inputs": {"class_label": 2}},
+        "3": {"class_type": "SkipDiTEmptyLatteLatent",
+              "inputs": {"width": 8, "height": 8, "length": 4, "batch_size": 1, "space": "pixels (3 ch)"}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0], "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    if n is not None:
+        p["4"] = {"class_type": "SkipDiTApplySkipCache", "inputs": {
+            "model": ["1", 0], "interval": n, "settings": "custom", "window_unit": "timesteps", "start": 1000.0,
+            "end": 0.0, "depth": 1}}
+        p["5"]["inputs"]["model"] = ["4", 0]
+    if video:
+        p["7"] = {"class_type": "SkipDiTDecodeVideo", "inputs": {"samples": ["5", 0]}}
+        p["8"] = {"class_type": "CreateVideo", "inputs": {"images": ["7", 0], "fps": 8.0}}
+        p["9"] = {"class_type": "SaveVideo", "inputs": {"video": ["8", 0], "filename_prefix": f"video/{prefix}",
+                                                        "format": "auto", "codec": "auto"}}
+    return p
+
+
+def error_text(entry: dict) -> str:
+    return json.dumps(entry.get("status", {}).get("messages", []))
+
+
+# ----------------------------------------------------------------------------- through the server
+
+
+def test_pack_imports_without_failure(server):
+    log = server.log()
+    pack_lines = [line for line in log.splitlines() if PACK_NAME in line]
+    assert pack_lines, log[-3000:]
+    assert not [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line], pack_lines
+    assert "Error while calling comfy_entrypoint" not in log
+    info = server.get("/object_info")
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} not registered"
+        assert info[node_id]["python_module"] == f"custom_nodes.{PACK_NAME}"
+
+
+def test_node_schemas_in_object_info(server):
+    info = server.get("/object_info")
+    loader = info["SkipDiTModelLoader"]["input"]["required"]
+    files = loader["checkpoint"][1]["options"]
+    assert {LATTE, "dit-tiny-skip.safetensors", "hunyuan-core-tiny.safetensors"} <= set(files)  # both folders
+    assert loader["weight_dtype"][1]["options"] == ["default", "fp16", "bf16", "fp32"]
+    apply = info["SkipDiTApplySkipCache"]
+    inputs = apply["input"]["required"]
+    assert apply["output"] == ["MODEL"] and inputs["model"][0] == "MODEL"
+    assert inputs["interval"][1]["default"] == 2 and inputs["interval"][1]["min"] == 1
+    assert inputs["settings"][1]["options"] == ["auto", "custom"]
+    assert inputs["window_unit"][1]["options"] == ["timesteps", "percent"]
+    assert (inputs["start"][1]["default"], inputs["end"][1]["default"], inputs["depth"][1]["default"]) == (700.0, 50.0, 1)
+    assert info["SkipDiTClassLabel"]["output"] == ["CONDITIONING", "CONDITIONING"]
+    assert info["SkipDiTDecodeVideo"]["input"]["optional"]["vae"][0] == "VAE"
+    assert info["SkipDiTDecodeVideo"]["output"] == ["IMAGE"]
+    assert info["SkipDiTEmptyLatteLatent"]["output"] == ["LATENT"]
+    assert info["SkipDiTLatteT2VTextEncode"]["input"]["required"]["clip"][0] == "CLIP"
+
+
+def test_ksampler_same_seed_with_and_without_skip_cache(server, base_dir):
+    plain, log_plain = server.run(latte_prompt("plain", video=True))
+    n1, log_n1 = server.run(latte_prompt("n1", n=1))
+    n2, log_n2 = server.run(latte_prompt("n2", n=2, video=True))
+    for entry, log in ((plain, log_plain), (n1, log_n1), (n2, log_n2)):
+        assert entry["status"]["status_str"] == "success", error_text(entry) + log[-2000:]
+    a, b, c = (load_latent(base_dir, p) for p in ("plain", "n1", "n2"))
+    assert a.shape == (1, 3, 4, 8, 8)
+    assert torch.equal(a, b), "n = 1 must give the uncached output bit for bit"
+    assert not torch.equal(a, c)
+    assert float((c - a).norm() / a.norm()) < 0.5, "n = 2 should stay close to the uncached output"
+    assert not summaries(log_plain)  # no node, no effect
+    (s1,) = summaries(log_n1)
+    assert (s1["full"], s1["cached"], s1["run"], s1["all"]) == ("10", "0", "80", "80")
+    (s2,) = summaries(log_n2)
+    # 10 steps, n = 2 over the whole schedule: every other step runs 2 of the 4 block pairs (8 blocks).
+    assert (s2["full"], s2["cached"], s2["steps"]) == ("5", "5", "10")
+    assert int(s2["run"]) < int(s2["all"]) and (s2["run"], s2["all"]) == ("60", "80")
+    assert "measured speedup" in log_n2
+    import av
+
+    for prefix in ("plain", "n2"):  # Decode Video Latent -> core CreateVideo -> SaveVideo
+        (mp4,) = (base_dir / "output" / "video").glob(f"{prefix}_*.mp4")
+        with av.open(str(mp4)) as f:
+            assert sum(1 for _ in f.decode(video=0)) == 4
+
+
+def test_dit_auto_settings_and_clear_errors(server, base_dir):
+    def dit(checkpoint, prefix):
+        return {
+            "1": {"class_type": "SkipDiTModelLoader", "inputs": {"checkpoint": checkpoint, "weight_dtype": "default"}},
+            "2": {"class_type": "SkipDiTClassLabel", "inputs": {"class_label": 3}},
+            "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "4": {"class_type": "SkipDiTApplySkipCache", "inputs": {"model": ["1", 0], "interval": 2, "settings": "auto",
+                                                                    "window_unit": "timesteps", "start": 700.0, "end": 50.0, "depth": 1}},
+            "5": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 5, "steps": 8, "cfg": 3.0, "sampler_name": "euler",
+                                                       "scheduler": "normal", "positive": ["2", 0], "negative": ["2", 1],
+                                                       "latent_image": ["3", 0], "denoise": 1.0}},
+            "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
+        }
+
+    entry, log = server.run(dit("dit-tiny-skip.safetensors", "dit"))
+    assert entry["status"]["status_str"] == "success", error_text(entry) + log[-2000:]
+    assert load_latent(base_dir, "dit").shape == (1, 4, 8, 8)
+    (s,) = summaries(log)
+    assert "window t 1000 -> 20, depth k=2" in log  # DiT's authors' window; k=4 capped at this model's 2 skips
+    assert int(s["cached"]) > 0
+    entry, _ = server.run(dit("dit-tiny-vanilla.safetensors", "vanilla"))
+    assert entry["status"]["status_str"] == "error" and "no long skips" in error_text(entry)
+    entry, _ = server.run(dit("broken.safetensors", "broken"))
+    assert entry["status"]["status_str"] == "error" and "broken.safetensors" in error_text(entry)
+
+
+def test_lora_loader_and_sampler_custom_advanced(server, base_dir):
+    def prompt(strength, prefix):
+        return {
+            "1": {"class_type": "SkipDiTModelLoader", "inputs": {"checkpoint": LATTE, "weight_dtype": "default"}},
+            "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "latte-tiny-lora.safetensors",
+                                                                  "strength_model": strength}},
+            "3": {"class_type": "SkipDiTApplySkipCache", "inputs": {"model": ["2", 0], "interval": 2, "settings": "custom",
+                                                                    "window_unit": "percent", "start": 0.0, "end": 100.0, "depth": 1}},
+            "4": {"class_type": "SkipDiTClassLabel", "inputs": {"class_label": 4}},
+            "5": {"class_type": "SkipDiTEmptyLatteLatent",
+                  "inputs": {"width": 8, "height": 8, "length": 4, "batch_size": 1, "space": "pixels (3 ch)"}},
+            "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+            "7": {"class_type": "BasicScheduler", "inputs": {"model": ["3", 0], "scheduler": "karras", "steps": 8, "denoise": 1.0}},
+            "8": {"class_type": "CFGGuider", "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["4", 1], "cfg": 3.0}},
+            "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": 9}},
+            "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["9", 0], "guider": ["8", 0], "sampler": ["6", 0],
+                                                                     "sigmas": ["7", 0], "latent_image": ["5", 0]}},
+            "11": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": f"latents/{prefix}"}},
+        }
+
+    logs = []
+    for strength, prefix in ((0.0, "lora0"), (1.0, "lora1")):
+        entry, log = server.run(prompt(strength, prefix))
+        assert entry["status"]["status_str"] == "success", error_text(entry) + log[-2000:]
+        assert "lora key not loaded" not in log
+        (s,) = summaries(log)
+        assert (s["full"], s["cached"], s["steps"]) == ("4", "4", "8")
+        logs.append(log)
+    assert not torch.equal(load_latent(base_dir, "lora0"), load_latent(base_dir, "lora1"))  # the LoRA patched our weights
+
+
+def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
+    steps = 400
+    prompt = latte_prompt("rerun", n=2, seed=11, steps=steps)
+    start = len(server.log())
+    prompt_id = server.queue(prompt)
+    progress = re.compile(rf"\b([1-9]\d*)/{steps} \[")
+    deadline = time.time() + 60
+    while not progress.search(server.log(start)):  # wait until sampling is under way
+        assert time.time() < deadline, server.log(start)[-2000:]
+        time.sleep(0.05)
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id)
+    time.sleep(0.3)
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in error_text(entry)
+    (s,) = summaries(server.log(start))
+    assert s["interrupted"] and int(s["steps"]) < steps  # the run's state was logged and dropped
+    # The same prompt again: the cached Apply Skip-Cache output (same state object) runs a whole run.
+    entry, log = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    (s,) = summaries(log)
+    assert not s["interrupted"] and (s["full"], s["cached"]) == (str(steps // 2), str(steps // 2))
+    # Reference: the same run never interrupted. weight_dtype fp32 is the "default" on the CPU but a
+    # different node input, so ComfyUI does not serve the KSampler from its cache.
+    entry, _ = server.run(latte_prompt("reference", n=2, seed=11, steps=steps, dtype="fp32"))
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    assert torch.equal(load_latent(base_dir, "rerun"), load_latent(base_dir, "reference"))
+
+
+# ----------------------------------------------------------------------------- in-process checks
+
+
+@pytest.fixture(scope="module")
+def inprocess(base_dir) -> dict:
+    checks = "hunyuan,hunyuan_layouts,latte_t2v,t5,vae_decode,heun"
+    done = subprocess.run(
+        [os.environ.get("COMFYUI_PYTHON", sys.executable), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
+         str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
+        capture_output=True, text=True, timeout=300, env=child_env(),
+    )
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            results[r["check"]] = r
+    assert done.returncode == 0 and len(results) == len(checks.split(",")), done.stdout[-3000:] + done.stderr[-5000:]
+    return results
+
+
+def test_skip_cache_on_core_hunyuan_dit(inprocess):
+    r = inprocess["hunyuan"]
+    assert r["model_class"] == "comfy.ldm.hydit.models.HunYuanDiT"  # ComfyUI's own model, not ours
+    steps, depth = r["steps"], r["depth"]
+    assert r["block_calls_plain"] == r["block_calls_n1"] == steps * depth
+    assert r["n1_identical"]
+    # n = 2 over the whole schedule: half the steps run blocks 0 and 5 only.
+    assert r["block_calls_n2"] == steps // 2 * depth + steps // 2 * 2
+    assert 0 < r["n2_rel_diff"] < 0.5
+    assert r["input_untouched"] and r["plain_again_identical"]  # removing the node removes the effect
+    assert r["twice"] == {"interval": 2, "patched_blocks": [1, 2, 3, 4], "own_state": True, "wrappers": [1, 1]}
+    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Hunyuan-DiT (ComfyUI), n=2")]
+    assert f"{steps // 2} full + {steps // 2} cached of {steps} steps" in line
+    # A cached step fed the deep state captured from the same input reproduces the full step exactly.
+    assert r["handoff_kinds"] == [False, True] and r["handoff_exact"], r["handoff_max_abs"]
+
+
+def test_hunyuan_layouts_load_through_one_loader(inprocess):
+    r = inprocess["hunyuan_layouts"]
+    assert r["classes"] == {k: "HunYuanDiT" for k in ("tencent", "diffusers", "all_in_one")}
+    assert r["same_weights"] == {"diffusers": True, "all_in_one": True}
+
+
+def test_latte_t2v_with_cond_and_uncond_in_separate_batches(inprocess):
+    r = inprocess["latte_t2v"]
+    assert r["shape"] == [1, 4, 3, 8, 8]
+    assert r["n1_identical"] and 0 < r["n2_rel_diff"] < 0.5
+    assert r["block_calls_n2"] < r["block_calls_n1"] == r["block_calls_plain"]
+    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Latte T2V, n=2")]
+    assert "3 full + 3 cached of 6 steps (12 model calls, 2 batch compositions)" in line
+
+
+def test_latte_t2v_text_encode_through_a_comfyui_t5(inprocess):
+    r = inprocess["t5"]  # ComfyUI's PixArt T5 tokenizer and T5 encoder code, at test size
+    assert r["positive_shape"] == [1, 120, 32]  # a 400-token prompt cut to Latte's 120 tokens
+    assert r["negative_shape"][1] < 120 and r["finite"] and r["n2_rel_diff"] > 0
+
+
+def test_decode_video_latent_through_an_image_vae(inprocess):
+    r = inprocess["vae_decode"]
+    assert r["shape"] == [6, 64, 64, 3]  # 2 videos x 3 frames, 8x upscaled, IMAGE layout
+    assert r["order_ok"]  # every video's frames in order
+
+
+def test_heun_two_model_calls_per_step(inprocess):
+    r = inprocess["heun"]
+    assert r["n1_identical"] and 0 < r["n2_rel_diff"] < 0.5
+    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Latte, n=2")]
+    # Heun evaluates twice per step but the last: 11 calls, 6 steps (a step is a new sigma).
+    assert "3 full + 3 cached of 6 steps (11 model calls" in line

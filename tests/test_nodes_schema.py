@@ -1,0 +1,318 @@
+"""The node pack without ComfyUI (CI): the adapters' pure logic (nodes/adapters.py, nodes/cache_state.py)
+and the pack's structure (entry point, node ids, which modules may import ComfyUI).
+
+The node schemas themselves are built by ComfyUI's `comfy_api` classes; they are checked against a real
+ComfyUI through GET /object_info in test_comfyui_integration.py rather than against a fake here.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import logging
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from helpers import randomize
+from nodes import adapters
+from nodes.cache_state import CacheTarget, SkipCacheState
+from skipdit_core import models
+from skipdit_core.diffusion import linear_betas
+from skipdit_core.models import UStack
+from skipdit_core.skip_cache import SkipCacheConfig, simulate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution", "latent_preview"}
+COMFY_FREE = ["__init__.py", "nodes/__init__.py", "nodes/adapters.py", "nodes/cache_state.py"]
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_entry_point_is_v3_only():
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    funcs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert isinstance(funcs.get("comfy_entrypoint"), ast.AsyncFunctionDef)
+    assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    assert "NODE_CLASS_MAPPINGS" not in assigned, "a V1 mapping would make ComfyUI ignore comfy_entrypoint"
+
+
+@pytest.mark.parametrize("rel", COMFY_FREE)
+def test_comfy_free_modules_import_no_comfyui(rel):
+    bad = {m for m in imported_modules(ROOT / rel) if m.split(".")[0] in COMFY_MODULES}
+    assert not bad, f"{rel} imports {bad}"
+
+
+def test_node_ids_prefixed_unique_and_all_registered():
+    ids, classes = [], set()
+    for path in (ROOT / "nodes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(ast.unparse(b) == "io.ComfyNode" for b in node.bases):
+                classes.add(node.name)
+            if isinstance(node, ast.keyword) and node.arg == "node_id":
+                ids.append(node.value.value)
+    assert len(ids) == len(classes) == 6 and len(set(ids)) == len(ids)
+    assert all(i.startswith("SkipDiT") for i in ids), ids  # never clash with core node ids
+    ext = ast.parse((ROOT / "nodes" / "extension.py").read_text())
+    (nodes_list,) = [n.value for n in ext.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "NODES"]
+    assert {e.id for e in nodes_list.elts} == classes
+
+
+def test_entry_point_makes_skipdit_core_importable_without_leaving_its_folder_on_sys_path():
+    spec = importlib.util.spec_from_file_location("skipdit_pack_entry", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports nothing from ComfyUI
+    before = list(sys.path)
+    core = module._import_skipdit_core()
+    assert core.__name__ == "skipdit_core" and sys.path == before
+
+
+# ----------------------------------------------------------------------------- schedules and layouts
+
+
+def test_sampling_settings_are_the_ddpm_linear_schedule():
+    for family in adapters.OWN_FAMILIES:
+        s = adapters.sampling_settings(family)
+        assert s == {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02}
+        assert adapters.PREDICTION[family] == "eps"
+        # ComfyUI's "sqrt_linear" is linspace(start, end) (its "linear" squares a linspace of square roots).
+        comfy_betas = torch.linspace(s["linear_start"], s["linear_end"], 1000, dtype=torch.float64)
+        assert torch.equal(comfy_betas, linear_betas())
+    with pytest.raises(ValueError, match="ComfyUI's own model"):
+        adapters.sampling_settings("hunyuan")
+
+
+def _tiny(family, **overrides):
+    preset = {"dit": "DiT-tiny", "latte": "Latte-tiny", "latte_t2v": "Latte-T2V-tiny"}[family]
+    config = models.make_config(family, {"skip": True, **overrides}, preset=preset)
+    return randomize(models.build_model(family, config), seed=3).eval()
+
+
+@torch.no_grad()
+def test_latte_layout_conversion_and_variance_channels():
+    model = _tiny("latte")
+    x = torch.randn(2, 4, 3, 8, 8)  # ComfyUI: [B, C, T, H, W]
+    t, y = torch.tensor([500.0, 500.0]), torch.tensor([1, 5])
+    out = adapters.to_comfy_output("latte", model(adapters.to_model_layout("latte", x), t, y), 4)
+    ref = model(x.transpose(1, 2), t, y)  # Latte's own (B, F, C, H, W)
+    assert out.shape == x.shape
+    assert torch.equal(out, ref[:, :, :4].transpose(1, 2))  # epsilon only, back in ComfyUI's layout
+
+
+@torch.no_grad()
+def test_dit_and_latte_t2v_layouts_pass_through():
+    dit = _tiny("dit")
+    x = torch.randn(1, 4, 8, 8)
+    full = dit(x, torch.tensor([10.0]), torch.tensor([2]))
+    assert full.shape[1] == 8
+    assert torch.equal(adapters.to_comfy_output("dit", full, 4), full[:, :4])
+    t2v = _tiny("latte_t2v")
+    v = torch.randn(1, 4, 2, 8, 8)
+    assert adapters.to_model_layout("latte_t2v", v) is v
+    out = t2v(v, torch.tensor([10.0]), torch.randn(1, 5, 32))
+    assert adapters.to_comfy_output("latte_t2v", out, 4).shape == v.shape
+    with pytest.raises(ValueError, match="video latent"):
+        adapters.to_model_layout("latte", torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="image model"):
+        adapters.to_model_layout("dit", v)
+
+
+def test_class_labels_and_the_null_label():
+    y = adapters.resolve_labels([3, adapters.NULL_LABEL], num_classes=10)
+    assert y.tolist() == [3, 10] and y.dtype == torch.long
+    assert adapters.resolve_labels(adapters.NULL_LABEL, 101, batch=2).tolist() == [101, 101]
+    with pytest.raises(ValueError, match=r"classes 0\.\.9"):
+        adapters.resolve_labels([10], num_classes=10)
+    with pytest.raises(ValueError, match="unconditional"):
+        adapters.resolve_labels([0], num_classes=0)
+
+
+def test_t5_tokens_cut_to_120_keeping_the_end_token():
+    seq = [(i, 1.0) for i in range(200)] + [(1, 1.0)]  # 1 = T5's </s>
+    tokens = {"t5xxl": [seq, seq[:50]], "meta": "x"}
+    out = adapters.truncate_tokens(tokens, 120)
+    assert len(out["t5xxl"][0]) == 120 and out["t5xxl"][0][-1] == (1, 1.0) and out["t5xxl"][0][:119] == seq[:119]
+    assert out["t5xxl"][1] == seq[:50] and out["meta"] == "x"
+
+
+def test_frames_and_pixels():
+    x = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 3, 4, 2, 2)
+    frames = adapters.video_latent_to_frames(x)
+    assert frames.shape == (8, 3, 2, 2) and torch.equal(frames[5], x[1, :, 1])  # video 1, frame 1
+    images = adapters.pixels_to_images(torch.tensor([-1.0, 0.0, 3.0]).reshape(1, 3, 1, 1))
+    assert images.shape == (1, 1, 1, 3) and images.flatten().tolist() == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="connect the VAE"):
+        adapters.pixels_to_images(torch.zeros(1, 4, 2, 2))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_kinds():
+    assert adapters.is_comfy_all_in_one(["model.diffusion_model.mlp_t5.0.weight", "vae.x"])
+    assert not adapters.is_comfy_all_in_one(["mlp_t5.0.weight"])
+    assert adapters.strip_prefix({"model.diffusion_model.a": 1, "vae.b": 2}) == {"a": 1}
+
+
+def test_which_hunyuan_configs_comfyui_can_hold():
+    for name in ("HunyuanDiT-v1.0", "HunyuanDiT-v1.1", "HunyuanDiT-v1.2"):
+        assert adapters.core_hunyuan_problems(models.make_config("hunyuan", preset=name)) == [], name
+    small = models.make_config("hunyuan", dict(depth=6, hidden_size=128, num_heads=16, mlp_ratio=4.0,
+                                               use_style_cond_and_image_meta_size=False))
+    assert adapters.core_hunyuan_problems(small) == []
+    problems = " ".join(adapters.core_hunyuan_problems(models.make_config("hunyuan", preset="HunyuanDiT-tiny")))
+    assert "text_states_dim=32" in problems and "num_heads=4" in problems
+
+
+def test_core_hunyuan_stack_matches_its_push_pop_loop():
+    """ComfyUI's HunYuanDiT loop: block i < depth/2 - 1 pushes its output, block i > depth/2 pops the
+    last pushed. The U-stack we cut must pair the same blocks."""
+    for depth in (4, 6, 40):
+        pushed, pairs = [], []
+        for i in range(depth):
+            if i > depth // 2:
+                pairs.append((pushed.pop(), i))
+            if i < depth // 2 - 1:
+                pushed.append(i)
+        stack = adapters.core_hunyuan_stack(depth)
+        assert stack.pairs() == pairs and not pushed
+    with pytest.raises(ValueError, match="even depth"):
+        adapters.core_hunyuan_stack(5)
+
+
+# ----------------------------------------------------------------------------- Skip-Cache settings
+
+
+def test_cache_config_auto_custom_and_percent():
+    assert adapters.cache_config("latte", 3, "auto", "timesteps", 0, 0, 9) == SkipCacheConfig(3, 900, 50, 1)
+    assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1) == SkipCacheConfig(2, 1000, 20, 4)
+    assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1, num_skips=2).depth == 2  # capped
+    assert adapters.cache_config("hunyuan", 2, "custom", "timesteps", 800, 100, 2) == SkipCacheConfig(2, 800, 100, 2)
+    assert adapters.cache_config("latte_t2v", 2, "custom", "percent", 30, 95, 1) == SkipCacheConfig(2, 700, 50, 1)
+    with pytest.raises(ValueError, match="0..100"):
+        adapters.cache_config("latte", 2, "custom", "percent", 300, 95, 1)
+    with pytest.raises(ValueError, match="above its end"):
+        adapters.cache_config("latte", 2, "custom", "timesteps", 50, 700, 1)
+
+
+# ----------------------------------------------------------------------------- the per-run state
+
+TIMESTEPS = [float(t) for t in range(999, -1, -50)]  # 20 steps, 999 -> 49
+
+
+def _state(interval=2, start=700.0, end=50.0, depth=1, units=8, skips=3) -> SkipCacheState:
+    return SkipCacheState(SkipCacheConfig(interval, start, end, depth), CacheTarget("latte", "Latte", UStack(units, skips), 2))
+
+
+def _step(state, key, t, sigma=None, deep=None):
+    """One model call: the cut, and a deep state captured on full calls (stands for the model)."""
+    cut = state.begin(key, float(t if sigma is None else sigma), t)
+    if cut is not None and cut.cached is None:
+        cut.captured = deep if deep is not None else torch.full((1,), t)
+    state.end(key, cut, 0.01 if cut is None or cut.cached is None else 0.004)
+    return cut
+
+
+def _kinds(cuts):
+    return "".join("-" if c is None else ("C" if c.cached is not None else "F") for c in cuts)
+
+
+def test_one_batch_follows_the_core_rule():
+    for n in (2, 3):
+        state = _state(interval=n)
+        cuts = [_step(state, "both", t) for t in TIMESTEPS]
+        expected = simulate(SkipCacheConfig(n, 700.0, 50.0, 1), TIMESTEPS, num_units=8, num_skips=3)
+        assert _kinds(cuts) == "".join(expected.schedule)
+        assert state.steps.cached_steps == expected.cached_steps > 0
+        assert state.calls == 20 and state.blocks_uncached == 20 * 8 * 2
+        assert state.blocks_run == (expected.full_steps * 8 + expected.cached_steps * 2) * 2
+
+
+def test_separate_cond_and_uncond_batches_decide_alike_and_cache_apart():
+    state = _state()
+    cond, uncond = [], []
+    for t in TIMESTEPS:
+        cond.append(_step(state, "cond", t, deep=torch.full((1,), t)))
+        uncond.append(_step(state, "uncond", t, deep=torch.full((1,), -t)))
+    assert _kinds(cond) == _kinds(uncond) and "C" in _kinds(cond)
+    for c, u in zip(cond, uncond):
+        if c.cached is not None:
+            assert float(c.cached) == -float(u.cached) > 0  # each composition reuses its own deep state
+    assert state.steps.steps == 20 and len(state.tracks) == 2
+
+
+def test_repeated_sigma_is_one_step():
+    """Heun-like: evaluations at sigma_i, sigma_{i+1}, sigma_{i+1}, sigma_{i+2}, ... count once per sigma."""
+    plain, heun = _state(), _state()
+    ref = [_step(plain, "k", t) for t in TIMESTEPS]
+    cuts = []
+    for i, t in enumerate(TIMESTEPS):
+        cuts.append(_step(heun, "k", t))
+        if i + 1 < len(TIMESTEPS):
+            cuts.append(_step(heun, "k", TIMESTEPS[i + 1]))  # the corrector's call at the next sigma
+    firsts = [cuts[0]] + cuts[1::2]  # the first call at each sigma
+    assert _kinds(firsts) == _kinds(ref)
+    assert heun.steps.steps == 20 and heun.calls == 39
+    repeats = cuts[2::2]  # the second call at each sigma repeats the decision of the first ...
+    assert _kinds(repeats)[:-1] == _kinds(cuts[1::2][: len(repeats)])[:-1]
+    # ... except after the window's end dropped the cache (t = 49 <= 50): then it runs in full.
+    assert _kinds(cuts[-2:]) == "CF"
+
+
+def test_interval_one_never_cuts():
+    state = _state(interval=1)
+    assert {_step(state, "k", t) for t in TIMESTEPS} == {None}
+    assert state.blocks_run == state.blocks_uncached
+    assert "n=1 caches nothing" in state.summary()[1]
+
+
+def test_reset_clone_and_abort_leave_no_stale_state():
+    state = _state()
+    for t in TIMESTEPS[:5]:
+        _step(state, "k", t)
+    state.begin("k", 0.5, 400.0)
+    state.abort()  # an interrupted call
+    assert state.current_cut is None
+    clone = copy.deepcopy(state)
+    assert clone.config == state.config and clone.tracks == {} and clone.steps is None
+    state.reset()
+    assert state.tracks == {} and state.calls == 0 and state.steps is None
+    assert _kinds([_step(state, "k", t) for t in TIMESTEPS[:3]]) == "FFF"  # starts afresh: t >= 700
+
+
+def test_summary_reports_and_warns():
+    state = _state()
+    for t in TIMESTEPS:
+        _step(state, "k", t)
+    level, msg = state.summary()
+    assert level == logging.INFO
+    s = state.steps
+    assert f"{s.full_steps} full + {s.cached_steps} cached of 20 steps" in msg and "measured speedup" in msg
+    # medians: full calls 0.01 s, cached 0.004 s
+    expected = 20 * 0.01 / (s.full_steps * 0.01 + s.cached_steps * 0.004)
+    assert state.measured_speedup() == pytest.approx(expected)
+    assert "interrupted after" in state.summary(interrupted=True)[1]
+    never = _state(start=100.0, end=50.0)
+    for t in TIMESTEPS[:10]:  # all steps at t >= 549: above the window's start
+        _step(never, "k", t)
+    level, msg = never.summary()
+    assert level == logging.WARNING and "no step was cached" in msg
+    assert "no model call" in _state().summary()[1]
+
+
+def test_depth_is_checked_against_the_model():
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.3"):
+        _state(depth=4)

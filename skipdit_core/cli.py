@@ -113,13 +113,13 @@ def _load_vae(args, device):
 
 def _pixels(vae, family, model, sample):
     """Decoded frames (F, C, H, W) in [-1, 1], or None for a latent model without a VAE."""
-    from .pipeline import to_frames
+    from .pipeline import is_pixel_space, to_frames
 
     frames = to_frames(family, sample)
     if vae is not None:
         with torch.no_grad():
             return torch.cat([vae.decode(f[None] / VAE_SCALE[family]).sample for f in frames]).float()
-    if model.config.in_channels in (1, 3):  # pixel-space model
+    if is_pixel_space(model):
         return frames
     return None
 
@@ -269,9 +269,37 @@ def build_parser() -> argparse.ArgumentParser:
     generation_args(bench, bench=True)
     bench.set_defaults(func=cmd_bench)
 
+    demo = sub.add_parser("demo", help="the bundled demo model: one video without and with Skip-Cache, speedup and PSNR")
+    demo.add_argument("--class", dest="label", default="circle", help="circle, square, triangle or cross (or 0..3)")
+    demo.add_argument("--out", default="outputs", help="folder for the two mp4 files")
+    demo.add_argument("--interval", type=int, default=2, help="Skip-Cache interval n")
+    demo.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    demo.add_argument("--guidance", type=float, default=4.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs of each (the fastest is kept)")
+    demo.add_argument("--model", help="another checkpoint of the demo's kind (default: the bundled Skip-Latte)")
+    demo.set_defaults(func=cmd_demo)
+
     presets = sub.add_parser("presets", help="list the model presets of every family")
     presets.set_defaults(func=cmd_presets)
     return p
+
+
+def cmd_demo(args) -> int:
+    from dataclasses import replace
+
+    from .demo import DEMO_CACHE, DEMO_MODEL, run_demo
+
+    cache = replace(DEMO_CACHE, interval=args.interval)
+    print(f"demo model {args.model or DEMO_MODEL}: class {args.label!r}, DDIM {args.steps} steps, guidance {args.guidance}, "
+          f"seed {args.seed}; Skip-Cache n={cache.interval} {cache.start:g}->{cache.end:g} k={cache.depth}")
+    r = run_demo(args.out, args.label, cache, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                 repeats=args.repeats, model_path=args.model)
+    print(f"without Skip-Cache: {r.uncached_seconds:.3f} s -> {r.uncached_path}")
+    print(f"with Skip-Cache:    {r.cached_seconds:.3f} s -> {r.cached_path} ({r.summary})")
+    print(f"speedup {r.speedup:.2f}x (bound {r.speedup_bound:.2f}x), PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.3f} "
+          "(cached vs uncached, same seed)")
+    return 0
 
 
 def cmd_presets(args) -> int:

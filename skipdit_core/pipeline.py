@@ -39,6 +39,12 @@ class Request:
     steps: Optional[int] = None
     guidance: Optional[float] = None
     seed: int = 0
+    clip_denoised: Optional[bool] = None  # clamp the x0 prediction to [-1, 1]; None: for pixel-space models
+
+
+def is_pixel_space(model) -> bool:
+    """A model that denoises RGB (or grey) pixels, not VAE latents."""
+    return model.config.in_channels in (1, 3)
 
 
 @dataclass
@@ -112,7 +118,10 @@ def generate(
 ) -> Result:
     """Sample once; with `cache`, through a fresh Skip-Cache run (state never shared between calls)."""
     device, dtype = next(model.parameters()).device, model.dtype
-    sampler = make_sampler(req.family, req.sampler, req.steps)
+    # Pixels live in [-1, 1]: clamping x0 keeps the early steps (where x0 = (x - sqrt(1-a) eps) / sqrt(a)
+    # amplifies the eps error ~60x) on the data range, as improved-diffusion does for pixel models.
+    clip = req.clip_denoised if req.clip_denoised is not None else is_pixel_space(model)
+    sampler = make_sampler(req.family, req.sampler, req.steps, clip_denoised=clip)
     cond = _to(conditioning(model, req, unconditional=False), device, dtype)
     use_cfg = req.guidance is not None and req.guidance > 1 and bool(cond)
     if use_cfg:

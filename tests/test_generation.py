@@ -142,3 +142,16 @@ def test_cli_decodes_latents_through_a_local_vae(tmp_path, capsys):
     assert cli_main(["sample", str(path), "--label", "1", "--frames", "2", "--steps", "3", "--vae", str(tmp_path / "vae"),
                      "--device", "cpu", "-o", str(out)]) == 0
     assert read_video(str(out)).shape == (2, 16, 16, 3)  # 8x8 latents, VAE upsamples 2x
+
+
+def test_pixel_space_models_sample_with_x0_clamped_to_the_data_range():
+    # A random model predicts wild x0 early on; in pixel space the sampler clamps it (the last DDIM step
+    # lands on x0 itself), latents are left alone, and the request can say otherwise.
+    pixel, _ = tiny("latte", in_channels=3)
+    latent, _ = tiny("latte")
+    for sampler in ("ddim", "ddpm"):
+        req = Request("latte", label=1, frames=2, size=8, sampler=sampler, steps=6, guidance=3.0)
+        assert generate(pixel, req).sample.abs().max() <= 1.0
+        unclamped = generate(pixel, Request(**{**req.__dict__, "clip_denoised": False})).sample
+        assert unclamped.abs().max() > 1.0
+        assert generate(latent, req).sample.abs().max() > 1.0

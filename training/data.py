@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
+from skipdit_core.demo import SHAPE_CLASSES  # the bundled demo model's labels are these classes
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

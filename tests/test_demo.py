@@ -1,0 +1,84 @@
+"""The main job (`skipdit demo`) and the shape check used on the bundled demo model's videos."""
+import os
+
+import pytest
+import torch
+
+from helpers import randomize
+
+from skipdit_core.cli import main
+from skipdit_core.demo import SHAPE_CLASSES, class_label, run_demo
+from skipdit_core.loading import save_safetensors
+from skipdit_core.media import read_video
+from skipdit_core.models import build_model, make_config
+
+
+def shape_of(frames: torch.Tensor) -> str:
+    """Which of the demo's shapes a video (F, 3, H, W) in [-1, 1] shows: the bright blob's bounding box is
+    full for a square, about 0.79 full for a circle, 0.64 for a cross, and a triangle's top half is
+    emptier than its bottom half. (Exact on the training data: 200 of 200 synthetic clips.)"""
+    lum = frames.clamp(-1, 1).add(1).div(2).amax(dim=1)  # (F, H, W): the brightest channel
+    fills, tops = [], []
+    for f in lum:
+        mask = f > 0.5
+        if mask.sum() < 6:
+            continue
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        box = f[ys.min():ys.max() + 1, xs.min():xs.max() + 1].clamp(0, 1)
+        h = box.shape[0]
+        fills.append(box.mean().item())
+        tops.append((box[: h // 2].mean() / box[h - h // 2:].mean().clamp(min=1e-6)).item())
+    if len(fills) < len(lum) // 2:
+        return "none"
+    fill, top = torch.tensor(fills).median().item(), torch.tensor(tops).median().item()
+    if top < 0.7:
+        return "triangle"
+    return "square" if fill > 0.92 else "circle" if fill > 0.73 else "cross"
+
+
+def centroid(frame: torch.Tensor) -> torch.Tensor:
+    lum = frame.clamp(-1, 1).add(1).div(2).amax(dim=0)
+    mask = (lum > 0.5).float()
+    ys, xs = torch.meshgrid(torch.arange(lum.shape[0]), torch.arange(lum.shape[1]), indexing="ij")
+    return torch.stack([(ys * mask).sum(), (xs * mask).sum()]) / mask.sum().clamp(min=1)
+
+
+def test_the_classifier_knows_the_training_shapes():
+    from training.data import MovingShapes
+
+    data = MovingShapes(num_frames=8, size=32, num_classes=4, length=64, seed=11)
+    for i in range(16):
+        item = data[i]
+        assert shape_of(item["x"]) == SHAPE_CLASSES[int(item["label"])]
+
+
+@pytest.fixture(scope="module")
+def demo_like_model(tmp_path_factory):
+    """A random model of the demo's kind (pixel-space class-conditional Skip-Latte, 4 classes)."""
+    config = make_config("latte", dict(in_channels=3, input_size=16, patch_size=4, num_frames=8, num_classes=4, depth=8,
+                                       hidden_size=32, num_heads=2, skip=True))
+    path = tmp_path_factory.mktemp("demo") / "demo-like.safetensors"
+    save_safetensors(randomize(build_model("latte", config), seed=2).state_dict(), path, "latte", config)
+    return str(path)
+
+
+def test_main_job_writes_both_videos_and_reports(demo_like_model, tmp_path, capsys):
+    args = ["demo", "--class", "square", "--steps", "20", "--repeats", "1", "--out", str(tmp_path), "--model", demo_like_model]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "PSNR" in out and "cached of 20 steps" in out
+    a = read_video(str(tmp_path / "demo-square-seed0-uncached.mp4"))
+    b = read_video(str(tmp_path / "demo-square-seed0-cached.mp4"))
+    assert a.shape == b.shape == (8, 16, 16, 3)
+
+
+def test_run_demo_measures_a_cached_run_close_to_the_uncached_one(demo_like_model, tmp_path):
+    r = run_demo(str(tmp_path), "cross", steps=20, repeats=1, model_path=demo_like_model)
+    assert "cached of 20 steps" in r.summary and not r.summary.startswith("20 full")
+    assert 10 < r.psnr < float("inf")  # the cache changed something, and not everything (a random model)
+    assert r.speedup_bound > 1.0 and r.uncached_seconds > 0 and r.cached_seconds > 0
+    with pytest.raises(ValueError, match="knows circle, square, triangle, cross"):
+        run_demo(str(tmp_path), "hexagon", model_path=demo_like_model)
+    assert class_label("triangle") == 2 == class_label("2")
+    with pytest.raises(ValueError, match="out of range"):
+        class_label(7)

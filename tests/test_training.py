@@ -164,6 +164,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed = train(from_dict(tiny(raw, tmp_path / "b", max_steps=4)), resume_run=True)
     assert straight["step"] == resumed["step"] == 4
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(os.path.join(straight["checkpoint"], name))
         b = load_file(os.path.join(resumed["checkpoint"], name))
@@ -197,6 +199,8 @@ def test_sigkill_then_resume_continues_from_the_last_save(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"at step {saved}" in out.stdout + out.stderr
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")]
+    assert steps == list(range(1, saved + 3))  # rows of the steps lost to the kill are dropped on resume
     final = json.load(open(tmp_path / "run" / "checkpoints" / f"step-{saved + 2:08d}" / "trainer.json"))
     assert final["step"] == saved + 2
     model, ckpt = load_model(tmp_path / "run" / "checkpoints" / f"step-{saved + 2:08d}" / "ema.safetensors")

@@ -165,6 +165,13 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return path
 
 
+def drop_log_rows_after(log_file: str, step: int) -> None:
+    if os.path.exists(log_file):
+        with open(log_file) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        _write_atomic(log_file, "".join(rows))
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -296,6 +303,8 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
         else:
             step = resume(accelerator, path)
             log(f"resumed from {path} at step {step}")
+            if accelerator.is_main_process:  # rows logged after that save belong to the lost steps
+                drop_log_rows_after(os.path.join(tc.output_dir, "log.jsonl"), step)
     if accelerator.is_main_process:
         os.makedirs(tc.output_dir, exist_ok=True)
         with open(os.path.join(tc.output_dir, "config.yaml"), "w") as f:

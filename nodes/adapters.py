@@ -10,10 +10,12 @@ ComfyUI's conventions (comfy/model_base.py, comfy/latent_formats.py):
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
+import skipdit_core
 from skipdit_core.models import UStack
 from skipdit_core.skip_cache import AUTHORS_SETTINGS, SkipCacheConfig
 
@@ -40,6 +42,33 @@ def is_video(family: str) -> bool:
 def latent_space(in_channels: int) -> str:
     """'pixels' for a model trained on RGB (3 channels, no VAE), else 'sd_vae' (4-channel SD VAE latents)."""
     return "pixels" if in_channels == 3 else "sd_vae"
+
+
+# ----------------------------------------------------------------------------- pixel space
+
+# The values pixel-space models denoise (RGB scaled to [-1, 1], as skipdit_core's training data and
+# media writers use); the pack's pixel latent formats are the identity on them, and Decode Video Latent
+# maps this range to IMAGE's [0, 1].
+PIXEL_RANGE = (-1.0, 1.0)
+
+
+def clamp_pixels(x0: torch.Tensor) -> torch.Tensor:
+    """An x0 (denoised) prediction of a pixel-space model clamped to PIXEL_RANGE."""
+    return x0.clamp(*PIXEL_RANGE)
+
+
+def clamp_denoised(args: dict) -> torch.Tensor:
+    """ComfyUI `sampler_post_cfg_function` of pixel-space models: the guided x0 prediction, clamped.
+
+    Why: an epsilon model's x0 = (x - sqrt(1 - a) eps) / sqrt(a) amplifies the eps error by ~60x at
+    t ~ 900 (a ~ 3e-4); in pixel space that early x0 lands far outside the data range and sampling ends
+    in noise. skipdit_core's sampler clamps it (`clip_denoised`, on for pixel-space models, as
+    improved-diffusion does) and re-derives eps from the clamped x0; ComfyUI's samplers step from the
+    denoised x0 (Euler: x' = x0 + sigma' (x - x0) / sigma), so clamping it is the same operation. It runs
+    after classifier-free guidance, like the pipeline's clamp of the guided prediction: clamping cond and
+    uncond separately before guidance would give another result. Latent models are never clamped (SD VAE
+    latents are not bounded to [-1, 1])."""
+    return clamp_pixels(args["denoised"])
 
 
 # ----------------------------------------------------------------------------- layouts and channels
@@ -116,6 +145,10 @@ def truncate_tokens(tokens: dict, max_tokens: int) -> dict:
 # ----------------------------------------------------------------------------- checkpoints
 
 COMFY_UNET_PREFIX = "model.diffusion_model."
+# The small models shipped inside skipdit_core (the demo's pixel-space Skip-Latte and its vanilla twin,
+# skipdit_core.demo.DEMO_MODEL / VANILLA_TWIN): the loader lists them beside models/skipdit, so the demo
+# workflow runs with nothing downloaded.
+BUNDLED_MODELS_DIR = Path(skipdit_core.__file__).resolve().parent / "assets"
 
 
 def is_comfy_all_in_one(keys: Iterable[str]) -> bool:
@@ -217,9 +250,10 @@ def video_latent_to_frames(x: torch.Tensor) -> torch.Tensor:
 
 
 def pixels_to_images(frames: torch.Tensor) -> torch.Tensor:
-    """Pixel-space model output [N, 3, H, W] in [-1, 1] -> ComfyUI IMAGE [N, H, W, 3] in [0, 1]."""
+    """Pixel-space model output [N, 3, H, W] in PIXEL_RANGE ([-1, 1]) -> ComfyUI IMAGE [N, H, W, 3] in [0, 1]."""
     if frames.shape[1] != 3:
         raise ValueError(
             f"these latents have {frames.shape[1]} channels, not 3 RGB pixels: connect the VAE they were made for"
         )
-    return ((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).contiguous()
+    lo, hi = PIXEL_RANGE
+    return ((frames.float() - lo) / (hi - lo)).clamp(0.0, 1.0).movedim(1, -1).contiguous()

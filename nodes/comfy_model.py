@@ -44,7 +44,8 @@ class SDVideoLatent(comfy.latent_formats.LatentFormat):
 
 
 class PixelVideo(comfy.latent_formats.LatentFormat):
-    """Pixel-space video [B, 3, T, H, W] in [-1, 1] (models trained without a VAE): the identity."""
+    """Pixel-space video [B, 3, T, H, W] in adapters.PIXEL_RANGE, [-1, 1] (models trained without a VAE):
+    the identity, so the sampler's denoised x0 is in pixel values (clamped there: `model_patcher`)."""
 
     latent_channels = 3
     latent_dimensions = 3
@@ -183,8 +184,15 @@ def pick_dtype(weight_dtype: str, sd: dict) -> torch.dtype:
     )
 
 
+def is_pixel_model(model_config: SkipDiTModelConfig) -> bool:
+    return isinstance(model_config.latent_format, PixelVideo)
+
+
 def model_patcher(ckpt: Checkpoint, dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around our model of `ckpt`'s family, its weights loaded strictly."""
+    """A ModelPatcher around our model of `ckpt`'s family, its weights loaded strictly. Pixel-space models
+    get the clamp of the guided x0 to the pixel range (adapters.clamp_denoised: why it is needed, and why
+    after guidance) as a post-CFG function: in model_options, so clones (LoRA, Apply Skip-Cache, ...) keep
+    it and every sampler and scheduler sees the clamped x0. Latent models are left as they are."""
     model = adapter_class(ckpt.family)(ckpt.config)
     load_weights(model, ckpt.state_dict, ckpt.path)
     model = model.to(dtype=dtype).eval()
@@ -193,4 +201,7 @@ def model_patcher(ckpt: Checkpoint, dtype: torch.dtype) -> comfy.model_patcher.M
     offload = comfy.model_management.unet_offload_device()
     base = SkipDiTModel(config, model, device=offload)
     base.to(offload)
-    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(), offload_device=offload)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(), offload_device=offload)
+    if is_pixel_model(config):
+        patcher.set_model_sampler_post_cfg_function(adapters.clamp_denoised)
+    return patcher

@@ -1,7 +1,8 @@
 """Load Skip-DiT Model: one loader for every Skip-DiT-capable family.
 
 Files come from ComfyUI's `diffusion_models` folders and from our own `skipdit` folder
-(`models/skipdit/`, registered here; `extra_model_paths.yaml` may add more under the name `skipdit`).
+(`models/skipdit/`, registered here; `extra_model_paths.yaml` may add more under the name `skipdit`), which
+also lists the models bundled in `skipdit_core/assets/` (the demo model: nothing to download).
 skipdit_core detects the family and config and loads DiT / Latte / Latte T2V strictly into our models
 (`comfy_model`). Hunyuan-DiT (Tencent layout, diffusers layout mapped by skipdit_core, or a ComfyUI
 all-in-one checkpoint) is delegated to ComfyUI's own Hunyuan-DiT model.
@@ -26,13 +27,16 @@ from .comfy_model import WEIGHT_DTYPES, model_patcher, pick_dtype
 FOLDER = "skipdit"
 
 
-def register_model_folder() -> None:
-    """models/skipdit/ (under ComfyUI's models directory, so --base-directory moves it too)."""
+def register_model_folder(bundled: str | os.PathLike = adapters.BUNDLED_MODELS_DIR) -> None:
+    """models/skipdit/ (under ComfyUI's models directory, so --base-directory moves it too), then the
+    models bundled with the pack (skipdit_core/assets/) as an extra path of the same folder: listed with
+    the others, and a file of the same name in models/skipdit/ comes first."""
     path = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(FOLDER, path)
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([path], set(folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path(FOLDER, str(bundled))
 
 
 def checkpoint_names() -> list[str]:
@@ -125,11 +129,12 @@ class LoadSkipDiTModel(io.ComfyNode):
             category="Skip-DiT",
             description=(
                 "Loads a DiT, Latte, Latte T2V or Hunyuan-DiT checkpoint (Skip-DiT or vanilla) from models/skipdit or "
-                "models/diffusion_models; family and config are detected from the weights. Returns a native MODEL "
-                "for the stock samplers. Hunyuan-DiT becomes ComfyUI's own Hunyuan-DiT model."
+                "models/diffusion_models, or a model bundled with the pack; family and config are detected from the "
+                "weights. Returns a native MODEL for the stock samplers (pixel-space models: the denoised prediction "
+                "clamped to [-1, 1]). Hunyuan-DiT becomes ComfyUI's own Hunyuan-DiT model."
             ),
             inputs=[
-                io.Combo.Input("checkpoint", options=checkpoint_names(), tooltip="A file in models/skipdit or models/diffusion_models."),
+                io.Combo.Input("checkpoint", options=checkpoint_names(), tooltip="A file in models/skipdit or models/diffusion_models, or a model bundled with the pack (skip-latte-shapes.safetensors: the demo)."),
                 io.Combo.Input(
                     "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                     tooltip="default: ComfyUI's choice for the device (float32 on the CPU).",
@@ -137,6 +142,19 @@ class LoadSkipDiTModel(io.ComfyNode):
             ],
             outputs=[io.Model.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint):
+        # ComfyUI (0.3.64) checks the value of a V3 combo only through this: without it a missing file
+        # is found only when the node runs, after the nodes before it. Here the queued prompt is refused
+        # at once, naming the file and where it was looked for. (ComfyUI reports a failure once per
+        # argument of this method: hence the checkpoint alone; execute checks weight_dtype.)
+        if checkpoint is not None and checkpoint not in checkpoint_names():
+            return (
+                f"{checkpoint!r} is not in models/{FOLDER}, models/diffusion_models or the models bundled with the pack "
+                "(download it there, or pick another file)"
+            )
+        return True
 
     @classmethod
     def execute(cls, checkpoint, weight_dtype) -> io.NodeOutput:

@@ -9,7 +9,9 @@ instrumentation, independent of the pack's own statistics). Prints one JSON obje
 
 CHECK: "hunyuan" (ComfyUI's own Hunyuan-DiT through our loader and Apply Skip-Cache), "latte_t2v"
 (text conditioning of two lengths: cond and uncond in separate batches), "heun" (a sampler that
-evaluates the model twice per step).
+evaluates the model twice per step), "pixel_clamp" (the clamped x0 of pixel-space models against
+skipdit_core's sampler), "bundled" (the models bundled in skipdit_core/assets/ are listed; a stand-in
+folder replaces it), and the others named in run_check.
 """
 from __future__ import annotations
 
@@ -115,8 +117,8 @@ def tiny_t5_clip():
     return clip
 
 
-def run_sampler(nodes, model, positive, negative, latent, steps, cfg, sampler="euler", seed=3):
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", positive, negative, latent)
+def run_sampler(nodes, model, positive, negative, latent, steps, cfg, sampler="euler", seed=3, scheduler="normal"):
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)
     return out["samples"]
 
 
@@ -278,9 +280,102 @@ def run_check(check, nodes, pack, base_dir, loaded):
         result["n1_identical"] = bool(torch.equal(n1, plain))
         result["n2_rel_diff"] = rel_diff(n2, plain)
         result["steps"] = steps
+    elif check == "pixel_clamp":
+        result.update(pixel_clamp(nodes, pack, loader, apply, base_dir))
+    elif check == "bundled":
+        result.update(bundled_models(pack, loader, base_dir))
     else:
         raise SystemExit(f"unknown check {check!r}")
     return result
+
+
+def pixel_clamp(nodes, pack, loader, apply, base_dir) -> dict:
+    """ComfyUI's KSampler (ddim + ddim_uniform, CFG) on a pixel-space Latte against skipdit_core's own
+    DDIM with clip_denoised (the pipeline's sampler for pixel-space models) over the same timesteps from
+    the same noise; the same sampler with the pack's clamp removed; and which models carry the clamp."""
+    import comfy.sample
+    import comfy.samplers
+    import torch
+    from skipdit_core.diffusion import DDIMSampler, Schedule, guided, linear_betas
+    from skipdit_core.loading import load_model
+
+    adapters = sys.modules[pack.__name__ + ".nodes.adapters"]
+    clamp = adapters.clamp_denoised
+    name = "latte-tiny-pixels-skip.safetensors"
+    model = loader.execute(name, "fp32").args[0]
+    post_cfg = lambda m: m.model_options.get("sampler_post_cfg_function", [])  # noqa: E731
+    out = {"pixel_has_clamp": post_cfg(model).count(clamp) == 1}
+    out["clamp_survives_clone"] = clamp in post_cfg(skip_cache(apply, model, 2)) and clamp in post_cfg(model.clone())
+    out["latent_models_without_clamp"] = {
+        n: clamp not in post_cfg(loader.execute(n, "default").args[0])
+        for n in ("latte-t2v-tiny-skip.safetensors", "dit-tiny-skip.safetensors")
+    }
+    label = nodes.NODE_CLASS_MAPPINGS["SkipDiTClassLabel"].execute(2).args
+    latent = {"samples": torch.zeros(1, 3, 4, 8, 8)}
+    steps, cfg, seed = 10, 4.0, 7
+    kw = dict(sampler="ddim", seed=seed, scheduler="ddim_uniform")
+    comfy_clamped = run_sampler(nodes, model, label[0], label[1], latent, steps, cfg, **kw)
+    plain = model.clone()
+    plain.model_options["sampler_post_cfg_function"] = [f for f in post_cfg(plain) if f is not clamp]
+    comfy_unclamped = run_sampler(nodes, plain, label[0], label[1], latent, steps, cfg, **kw)
+    # The same walk in skipdit_core: the timesteps of ComfyUI's ddim_uniform sigmas, DDIM eta 0.
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps)
+    timesteps = [int(round(float(t))) for t in ms.timestep(sigmas[:-1])]
+    core, _ = load_model(os.path.join(base_dir, "models", "skipdit", name), dtype=torch.float32)
+    num_classes = core.config.num_classes
+    y = torch.tensor([2, num_classes])  # cond first (Latte's convention), the null label second
+    schedule = Schedule.from_betas(linear_betas(), "eps", learned_range=True)
+    results = {}
+    for clip in (True, False):
+        ddim = DDIMSampler(schedule, timesteps, channel_dim=2, clip_denoised=clip)
+        noise = comfy.sample.prepare_noise(latent["samples"], seed)  # ComfyUI's own noise of this seed
+        # ComfyUI starts at x = noise * sigma_0 (its scaling); in the pipeline's scaling that is
+        # noise * sqrt(1 - a_0). Latte's own layout: (B, F, C, H, W).
+        a0 = float(schedule.alphas_cumprod[timesteps[0]])
+        x = (noise * (1.0 - a0) ** 0.5).transpose(1, 2)
+        with torch.no_grad():
+            ref = ddim.sample(guided(lambda xb, tb: core(xb, tb, y), cfg, "latte"), x)
+        results[clip] = ref.transpose(1, 2)
+    out["timesteps"] = timesteps
+    out["ref_clamped_max_abs"] = float(results[True].abs().max())
+    out["comfy_clamped_max_abs"] = float(comfy_clamped.abs().max())
+    out["comfy_unclamped_max_abs"] = float(comfy_unclamped.abs().max())
+    out["clamped_vs_pipeline"] = rel_diff(comfy_clamped, results[True])
+    out["unclamped_vs_pipeline_unclamped"] = rel_diff(comfy_unclamped, results[False])
+    out["unclamped_vs_pipeline"] = rel_diff(comfy_unclamped, results[True])
+    return out
+
+
+def bundled_models(pack, loader_node, base_dir) -> dict:
+    """The loader lists the models bundled in skipdit_core/assets/: by default that folder is an extra path
+    of the "skipdit" folder; with a stand-in folder in its place, a file there is listed and loads."""
+    import shutil
+
+    import folder_paths
+
+    adapters = sys.modules[pack.__name__ + ".nodes.adapters"]
+    loader = sys.modules[pack.__name__ + ".nodes.loader"]
+    paths = folder_paths.get_folder_paths(loader.FOLDER)
+    own = os.path.join(folder_paths.models_dir, loader.FOLDER)
+    out = {"default_paths": paths, "bundled_dir": str(adapters.BUNDLED_MODELS_DIR)}
+    out["bundled_registered_after_own"] = paths.index(str(adapters.BUNDLED_MODELS_DIR)) > paths.index(own)
+    stand_in = os.path.join(base_dir, "bundled-stand-in")  # never skipdit_core/assets/ itself
+    os.makedirs(stand_in, exist_ok=True)
+    shutil.copy(os.path.join(own, "latte-tiny-pixels-skip.safetensors"), os.path.join(stand_in, "skip-latte-shapes.safetensors"))
+    loader.register_model_folder(bundled=stand_in)
+    out["listed"] = "skip-latte-shapes.safetensors" in loader.checkpoint_names()
+    schema = loader_node.GET_SCHEMA() if hasattr(loader_node, "GET_SCHEMA") else loader_node.define_schema()
+    combo = next(i for i in schema.inputs if i.id == "checkpoint")
+    out["in_node_options"] = "skip-latte-shapes.safetensors" in combo.options
+    out["resolved"] = loader.checkpoint_path("skip-latte-shapes.safetensors") == os.path.join(stand_in, "skip-latte-shapes.safetensors")
+    model = loader_node.execute("skip-latte-shapes.safetensors", "default").args[0]
+    out["loads"] = type(model.model).__name__
+    # A file of the same name in models/skipdit/ comes first.
+    shutil.copy(os.path.join(stand_in, "skip-latte-shapes.safetensors"), os.path.join(own, "skip-latte-shapes.safetensors"))
+    out["own_folder_wins"] = loader.checkpoint_path("skip-latte-shapes.safetensors") == os.path.join(own, "skip-latte-shapes.safetensors")
+    os.remove(os.path.join(own, "skip-latte-shapes.safetensors"))
+    return out
 
 
 if __name__ == "__main__":

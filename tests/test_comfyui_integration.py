@@ -6,32 +6,26 @@ Run it with the Python of ComfyUI's environment (it starts ComfyUI with the same
 COMFYUI_PYTHON to use another). One `--cpu` server is started for the module, with a temporary
 `--base-directory` whose custom_nodes/ holds a link to this repository and whose models/ holds tiny
 random models written with skipdit_core. Checks that need ComfyUI's Python objects (ComfyUI's own
-Hunyuan-DiT with synthetic text conditioning, a test-size T5 encoder, forward-hook block counts) run in
-one separate process
-(tests/comfyui_inprocess.py). Child processes get OMP_NUM_THREADS=1: tiny models on a shared CPU are
-many times slower with more threads.
+Hunyuan-DiT with synthetic text conditioning, a test-size T5 encoder, forward-hook block counts, the
+pixel clamp against skipdit_core's sampler, the bundled-models folder) run in one separate process
+(tests/comfyui_inprocess.py). The server helpers live in tests/comfyui_server.py.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+from comfyui_server import COMFYUI_PATH, PACK_NAME, ROOT, Server, child_env, comfyui_python, error_text, make_base_dir, write_model
+
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set")
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui-skipdit"
 NODE_IDS = [
     "SkipDiTModelLoader", "SkipDiTApplySkipCache", "SkipDiTClassLabel", "SkipDiTLatteT2VTextEncode",
     "SkipDiTEmptyLatteLatent", "SkipDiTDecodeVideo",
@@ -41,30 +35,12 @@ SUMMARY = re.compile(r"Skip-Cache \[(?P<label>[^\]]*)\]: (?P<interrupted>interru
                      r"(?P<cached>\d+) cached of (?P<steps>\d+) steps .*?; (?P<run>\d+) of (?P<all>\d+) blocks run")
 
 
-def child_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 # ----------------------------------------------------------------------------- models
-
-
-def write_model(path: Path, family: str, preset=None, dtype=None, **overrides) -> None:
-    from helpers import randomize
-    from skipdit_core import models
-    from skipdit_core.loading import save_safetensors
-
-    config = models.make_config(family, overrides, preset=preset)
-    torch.manual_seed(0)
-    model = randomize(models.build_model(family, config), seed=1)  # no zero-initialised output layers
-    save_safetensors(model.state_dict(), path, family, config, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("comfy-base")
-    for sub in ("custom_nodes", "models/skipdit", "models/diffusion_models", "user", "input", "output"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    base = make_base_dir(tmp_path_factory.mktemp("comfy-base"))
     own, core = base / "models/skipdit", base / "models/diffusion_models"
     write_model(own / LATTE, "latte", "Latte-tiny", in_channels=3, skip=True)  # pixel space, 4 pairs, 2 long skips
     write_model(own / "latte-t2v-tiny-skip.safetensors", "latte_t2v", "Latte-T2V-tiny", skip=True)
@@ -85,72 +61,6 @@ def base_dir(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------- server
-
-
-class Server:
-    def __init__(self, base: Path):
-        self.base = base
-        self.log_path = base / "server.log"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
-               "--database-url", f"sqlite:///{base}/user/comfyui.db"]
-        self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=child_env())
-
-    def log(self, start: int = 0) -> str:
-        return self.log_path.read_text(errors="replace")[start:]
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                urllib.request.urlopen(f"{self.url}/object_info/KSampler", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.3)
-        raise TimeoutError(f"ComfyUI did not answer in {timeout} s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log_file.close()
-
-    def get(self, path: str):
-        return json.load(urllib.request.urlopen(self.url + path, timeout=30))
-
-    def post(self, path: str, data: dict):
-        req = urllib.request.Request(self.url + path, json.dumps(data).encode(), {"Content-Type": "application/json"})
-        body = urllib.request.urlopen(req, timeout=30).read()
-        return json.loads(body) if body else None
-
-    def queue(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt, "client_id": "pytest"})["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
-                return entry
-            time.sleep(0.1)
-        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.log()[-3000:]}")
-
-    def run(self, prompt: dict, timeout: float = 120.0) -> tuple[dict, str]:
-        """Queue, wait; (history entry, the log written meanwhile)."""
-        start = len(self.log())
-        entry = self.wait(self.queue(prompt), timeout)
-        time.sleep(0.2)  # the log line of a run's end is written right after the node finishes
-        return entry, self.log(start)
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +108,6 @@ def latte_prompt(prefix: str, n=None, seed=1, steps=10, cfg=4.0, dtype="default"
     return p
 
 
-def error_text(entry: dict) -> str:
-    return json.dumps(entry.get("status", {}).get("messages", []))
-
-
 # ----------------------------------------------------------------------------- through the server
 
 
@@ -245,6 +151,9 @@ def test_ksampler_same_seed_with_and_without_skip_cache(server, base_dir):
         assert entry["status"]["status_str"] == "success", error_text(entry) + log[-2000:]
     a, b, c = (load_latent(base_dir, p) for p in ("plain", "n1", "n2"))
     assert a.shape == (1, 3, 4, 8, 8)
+    # A pixel-space model: the sampler's last x0 is clamped to the pixel range (random weights predict far
+    # outside it: see test_pixel_space_x0_clamped_as_the_pipeline_does).
+    assert float(a.abs().max()) <= 1.0 and float(c.abs().max()) <= 1.0
     assert torch.equal(a, b), "n = 1 must give the uncached output bit for bit"
     assert not torch.equal(a, c)
     assert float((c - a).norm() / a.norm()) < 0.5, "n = 2 should stay close to the uncached output"
@@ -288,6 +197,13 @@ def test_dit_auto_settings_and_clear_errors(server, base_dir):
     assert entry["status"]["status_str"] == "error" and "no long skips" in error_text(entry)
     entry, _ = server.run(dit("broken.safetensors", "broken"))
     assert entry["status"]["status_str"] == "error" and "broken.safetensors" in error_text(entry)
+    # A file that is not there: the prompt is refused when queued (the loader's validate_inputs).
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.queue(dit("not-downloaded.pt", "missing"))
+    assert refused.value.code == 400
+    errors = json.loads(refused.value.read())["node_errors"]["1"]["errors"]
+    assert [e["type"] for e in errors] == ["custom_validation_failed"]
+    assert "'not-downloaded.pt' is not in models/skipdit" in errors[0]["details"]
 
 
 def test_lora_loader_and_sampler_custom_advanced(server, base_dir):
@@ -355,9 +271,9 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,hunyuan_layouts,latte_t2v,t5,vae_decode,heun"
+    checks = "hunyuan,hunyuan_layouts,latte_t2v,t5,vae_decode,heun,pixel_clamp,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
-        [os.environ.get("COMFYUI_PYTHON", sys.executable), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
+        [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
         capture_output=True, text=True, timeout=300, env=child_env(),
     )
@@ -420,3 +336,26 @@ def test_heun_two_model_calls_per_step(inprocess):
     (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Latte, n=2")]
     # Heun evaluates twice per step but the last: 11 calls, 6 steps (a step is a new sigma).
     assert "3 full + 3 cached of 6 steps (11 model calls" in line
+
+
+def test_pixel_space_x0_clamped_as_the_pipeline_does(inprocess):
+    r = inprocess["pixel_clamp"]
+    assert r["pixel_has_clamp"] and r["clamp_survives_clone"]  # Apply Skip-Cache / any clone keeps it
+    assert r["latent_models_without_clamp"] == {"latte-t2v-tiny-skip.safetensors": True, "dit-tiny-skip.safetensors": True}
+    assert r["timesteps"] == list(range(901, 0, -100))  # ComfyUI's ddim_uniform, 10 steps
+    # KSampler ddim + ddim_uniform with CFG = skipdit_core's DDIM with clip_denoised (the pipeline's sampler
+    # for pixel-space models), same noise and timesteps: float32 rounding apart.
+    assert r["clamped_vs_pipeline"] < 1e-4, r
+    assert r["comfy_clamped_max_abs"] <= 1.0
+    # Without the clamp ComfyUI matches the unclipped sampler instead, and lands far off the pixel range.
+    assert r["unclamped_vs_pipeline_unclamped"] < 1e-4 and r["unclamped_vs_pipeline"] > 1.0
+    assert r["comfy_unclamped_max_abs"] > 2.0
+
+
+def test_bundled_models_are_listed_by_the_loader(inprocess):
+    r = inprocess["bundled"]
+    assert r["bundled_registered_after_own"], r["default_paths"]  # skipdit_core/assets/, after models/skipdit/
+    assert r["bundled_dir"].endswith("skipdit_core/assets")
+    # skipdit_core/assets/ swapped for a stand-in folder holding the demo model's file name:
+    assert r["listed"] and r["in_node_options"] and r["resolved"] and r["loads"] == "SkipDiTModel"
+    assert r["own_folder_wins"]  # a file of the same name in models/skipdit/ comes first

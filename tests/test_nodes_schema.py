@@ -20,7 +20,7 @@ from helpers import randomize
 from nodes import adapters
 from nodes.cache_state import CacheTarget, SkipCacheState
 from skipdit_core import models
-from skipdit_core.diffusion import linear_betas
+from skipdit_core.diffusion import DDIMSampler, Schedule, linear_betas
 from skipdit_core.models import UStack
 from skipdit_core.skip_cache import SkipCacheConfig, simulate
 
@@ -156,6 +156,53 @@ def test_frames_and_pixels():
     assert images.shape == (1, 1, 1, 3) and images.flatten().tolist() == [0.0, 0.5, 1.0]
     with pytest.raises(ValueError, match="connect the VAE"):
         adapters.pixels_to_images(torch.zeros(1, 4, 2, 2))
+
+
+# ----------------------------------------------------------------------------- pixel space
+
+
+def test_pixel_range_clamp_and_decode_agree():
+    lo, hi = adapters.PIXEL_RANGE
+    assert (lo, hi) == (-1.0, 1.0)  # skipdit_core's pixel models (training data, media writers, clip_denoised)
+    x0 = torch.tensor([-7.0, -1.0, -0.25, 0.5, 1.0, 40.0]).reshape(1, 3, 2, 1)
+    clamped = adapters.clamp_denoised({"denoised": x0, "cond_denoised": None, "sigma": torch.tensor([3.0])})
+    assert clamped.flatten().tolist() == [-1.0, -1.0, -0.25, 0.5, 1.0, 1.0]
+    # Decode Video Latent maps exactly the clamped range onto IMAGE's 0..1.
+    images = adapters.pixels_to_images(clamped)
+    assert images.shape == (1, 2, 1, 3) and images.flatten().tolist() == [0.0, 0.375, 1.0, 0.0, 0.75, 1.0]
+    assert torch.equal(adapters.pixels_to_images(clamped), adapters.pixels_to_images(x0))
+
+
+@pytest.mark.parametrize("t, t_prev", [(981, 961), (501, 481), (21, 1), (1, -1)])
+def test_euler_on_the_clamped_denoised_is_the_pipelines_clipped_ddim_step(t, t_prev):
+    """What the post-CFG clamp gives ComfyUI's ddim / euler samplers (an Euler step in sigma space from the
+    denoised x0) is skipdit_core's DDIM step with clip_denoised (x0 clamped, eps re-derived from it)."""
+    schedule = Schedule.from_betas(linear_betas(), "eps", learned_range=True)
+    ac = schedule.alphas_cumprod
+    a, a_prev = float(ac[t]), (float(ac[t_prev]) if t_prev >= 0 else 1.0)
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g)  # x_t, VP scaling (the pipeline's)
+    eps = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) * 1.5  # a poor eps: x0 far off at high t
+    ddim = DDIMSampler(schedule, [t] + ([t_prev] if t_prev >= 0 else []), clip_denoised=True)
+    want = ddim.step(0, torch.cat([eps, torch.zeros_like(eps)], dim=1), x)
+    # ComfyUI (EPS, discrete): sigma = sqrt((1 - a) / a), its x = x_t / sqrt(a), denoised = x - sigma * eps.
+    sigma, sigma_prev = ((1 - a) / a) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
+    x_ve = x / a ** 0.5
+    raw = x_ve - sigma * eps
+    denoised = adapters.clamp_denoised({"denoised": raw})
+    stepped = denoised + sigma_prev * (x_ve - denoised) / sigma  # k-diffusion's Euler step
+    got = stepped * a_prev ** 0.5
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    if t > 500:
+        assert (raw.abs() > 1).any()  # the clamp acts here
+        unclamped = (raw + sigma_prev * (x_ve - raw) / sigma) * a_prev ** 0.5
+        assert not torch.allclose(unclamped, want)
+
+
+def test_bundled_models_folder_is_the_demos():
+    from skipdit_core import demo
+
+    assert adapters.BUNDLED_MODELS_DIR == demo.ASSETS == demo.DEMO_MODEL.parent == demo.VANILLA_TWIN.parent
 
 
 # ----------------------------------------------------------------------------- checkpoints

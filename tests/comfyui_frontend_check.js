@@ -1,0 +1,74 @@
+// Loads UI-format workflows into the real ComfyUI frontend (headless Chromium) the way drag-and-drop
+// does, and reports for each: the missing node types (the list the "Some Nodes Are Missing" dialog
+// gets), nodes the frontend could not create, whether that dialog is shown, the frontend's own API
+// prompt (app.graphToPrompt) and its serialisation of the loaded graph (app.graph.serialize).
+//
+//   node tests/comfyui_frontend_check.js URL OUT.json SHOT_DIR WORKFLOW.json [...]
+//
+// SHOT_DIR/<workflow name>.png: a screenshot of each loaded workflow. puppeteer-core is taken from
+// $SKIPDIT_BROWSER_TOOLS (default /work/browser-tools, an npm folder with puppeteer-core installed),
+// Chromium from $CHROME_PATH (default /usr/bin/chromium). Used by tests/test_comfyui_workflows.py.
+const fs = require('fs');
+const path = require('path');
+
+const tools = process.env.SKIPDIT_BROWSER_TOOLS || '/work/browser-tools';
+const puppeteer = require(require.resolve('puppeteer-core', { paths: [tools, path.join(tools, 'node_modules')] }));
+const [url, outFile, shotDir, ...files] = process.argv.slice(2);
+
+(async () => {
+  const browser = await puppeteer.launch({
+    executablePath: process.env.CHROME_PATH || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+  });
+  const results = [];
+  try {
+    const page = await browser.newPage();
+    await page.setViewport({ width: 1600, height: 900 });
+    const pageErrors = [];
+    page.on('pageerror', e => pageErrors.push(String(e.message).split('\n')[0]));
+    await page.goto(url, { waitUntil: 'networkidle0', timeout: 180000 });
+    await page.waitForFunction(
+      () => window.app && window.app.graph && window.LiteGraph &&
+        Object.keys(window.LiteGraph.registered_node_types).length > 100,
+      { timeout: 180000 });
+    const frontend = await page.evaluate(() => {
+      window.__missing = null;
+      window.app.registerExtension({
+        name: 'skipdit.test.missingNodes',
+        afterConfigureGraph(missing) {
+          window.__missing = missing.map(t => (typeof t === 'object' ? t.type : t));
+        },
+      });
+      return window.__COMFYUI_FRONTEND_VERSION__ || null;
+    });
+    for (const file of files) {
+      const wf = JSON.parse(fs.readFileSync(file, 'utf8'));
+      const res = await page.evaluate(async (wf) => {
+        window.__missing = null;
+        document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());
+        const unregistered = [...new Set(wf.nodes.map(n => n.type).filter(t => !(t in LiteGraph.registered_node_types)))];
+        await window.app.loadGraphData(wf);
+        await new Promise(r => setTimeout(r, 700));
+        const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\n');
+        const prompt = await window.app.graphToPrompt();
+        return {
+          unregistered,
+          missing: window.__missing,
+          errored: app.graph.nodes.filter(n => n.has_errors).map(n => n.type),
+          missingDialog: dialogs.includes('Some Nodes Are Missing'),
+          nodeCount: app.graph.nodes.length,
+          linkCount: Object.keys(app.graph.links || {}).length,
+          apiPrompt: prompt.output,
+          serialized: app.graph.serialize(),
+        };
+      }, wf);
+      const shot = path.join(shotDir, path.basename(file, '.json') + '.png');
+      await page.screenshot({ path: shot });
+      results.push({ file, screenshot: shot, ...res });
+    }
+    fs.writeFileSync(outFile, JSON.stringify({ frontend, pageErrors, results }, null, 1));
+  } finally {
+    await browser.close();
+  }
+})().catch(e => { console.error(e); process.exit(2); });

@@ -1,0 +1,374 @@
+"""The example workflows in workflows/ (UI format, what people drag into ComfyUI) and the UI -> API
+converter the tests run them with (tests/comfyui_workflow.py).
+
+Without ComfyUI (CI): the converter against small schemas, the files' structure, and that each names
+its model files in its note and in docs/comfyui.md. With COMFYUI_PATH (else skipped: "COMFYUI_PATH is
+not set"), against one real `--cpu` server with this pack:
+- the demo workflow, converted with the server's /object_info, runs to an 8-frame mp4 (its model is a
+  tiny stand-in with the demo's file name in models/skipdit/, or the real bundled model when
+  skipdit_core/assets/ has it); the others, whose weights are downloads, pass the server's validation
+  except for exactly the model files they name;
+- /workflow_templates lists them all and serves them;
+- headless Chromium with the server's own frontend loads each with no missing node, builds the same
+  API prompt as the converter, and serialises it to the file's own nodes (skipped with the reason when
+  node, Chromium or puppeteer-core is missing; $SKIPDIT_BROWSER_TOOLS names the npm folder with
+  puppeteer-core, default /work/browser-tools; $CHROME_PATH the browser, default /usr/bin/chromium).
+  The demo workflow's screenshot is copied to /tmp/skipdit-demo-workflow.png.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from comfyui_workflow import MODEL_FILE_INPUTS, Node, WorkflowError, build_workflow, note, ui_to_api, widget_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+NAMES = {p.stem for p in WORKFLOWS}
+DEMO = "skipdit-demo-moving-shapes"
+NO_DOWNLOAD = {DEMO}  # workflows whose every model ships with the pack
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+needs_comfyui = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set")
+SCREENSHOT = Path("/tmp/skipdit-demo-workflow.png")
+
+
+def load(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+
+
+def model_files(workflow: dict) -> dict[str, str]:
+    """{file name: node type} of the model-file widgets of a workflow."""
+    out = {}
+    for node in workflow["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        for name, value in zip(LOADER_WIDGETS.get(node["type"], ()), node["widgets_values"]):
+            if name in MODEL_FILE_INPUTS:
+                out[value] = node["type"]
+    return out
+
+
+# The widget names of the loaders used in workflows/ (their first widgets), for checks without a server.
+LOADER_WIDGETS = {
+    "SkipDiTModelLoader": ("checkpoint", "weight_dtype"),
+    "CheckpointLoaderSimple": ("ckpt_name",),
+    "CLIPLoader": ("clip_name", "type", "device"),
+    "VAELoader": ("vae_name",),
+}
+
+
+# ----------------------------------------------------------------------------- the converter (CI)
+
+SCHEMAS = {
+    "Loader": {"input": {"required": {"ckpt_name": [["a.pt", "b.pt"], {}]}}, "input_order": {"required": ["ckpt_name"]},
+               "output": ["MODEL"], "output_name": ["MODEL"], "display_name": "Loader"},
+    "Sampler": {
+        "input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                               "steps": ["INT", {"default": 20}], "name": ["COMBO", {"options": ["x", "y"]}],
+                               "latent": ["LATENT", {}]},
+                  "optional": {"noise_seed": ["INT", {"default": 1}], "flag": ["BOOLEAN", {"default": False}],
+                               "extra": ["MODEL", {}], "forced": ["FLOAT", {"forceInput": True}]}},
+        "input_order": {"required": ["model", "seed", "steps", "name", "latent"],
+                        "optional": ["noise_seed", "flag", "extra", "forced"]},
+        "output": ["LATENT"], "output_name": ["LATENT"], "display_name": "Sampler"},
+    "Empty": {"input": {"required": {"size": ["INT", {"default": 8, "min": 8, "max": 64}],
+                                     "seed": ["INT", {"default": 0, "control_after_generate": False}]}},
+              "output": ["LATENT"], "output_name": ["LATENT"], "display_name": "Empty"},
+    "Patch": {"input": {"required": {"model": ["MODEL", {}], "strength": ["FLOAT", {"default": 1.0}]}},
+              "output": ["MODEL"], "output_name": ["MODEL"], "display_name": "Patch"},
+    "Int": {"input": {"required": {"value": ["INT", {"default": 3}]}}, "output": ["INT"], "output_name": ["INT"], "display_name": "Int"},
+}
+
+
+def small_graph() -> dict:
+    nodes = [
+        Node(1, "Loader", (0, 0), {"ckpt_name": "b.pt"}),
+        Node(2, "Empty", (0, 200), {"size": 16, "seed": 3}),
+        Node(3, "Patch", (300, 0), {"strength": 0.5}, {"model": (1, 0)}),
+        Node(4, "Sampler", (600, 0), {"seed": 42, "steps": 7, "name": "y", "noise_seed": 5}, {"model": (3, 0), "latent": (2, 0)},
+             control="randomize"),
+    ]
+    return build_workflow(nodes, SCHEMAS, (note(5, (0, 400), "hello"),))
+
+
+def test_widget_layout_follows_the_frontend():
+    assert widget_layout(SCHEMAS["Sampler"]) == [
+        ("seed", SCHEMAS["Sampler"]["input"]["required"]["seed"]), (None, SCHEMAS["Sampler"]["input"]["required"]["seed"]),
+        ("steps", SCHEMAS["Sampler"]["input"]["required"]["steps"]), ("name", SCHEMAS["Sampler"]["input"]["required"]["name"]),
+        # an optional INT named noise_seed gets a control widget by name; forceInput makes a socket
+        ("noise_seed", SCHEMAS["Sampler"]["input"]["optional"]["noise_seed"]),
+        (None, SCHEMAS["Sampler"]["input"]["optional"]["noise_seed"]),
+        ("flag", SCHEMAS["Sampler"]["input"]["optional"]["flag"]),
+    ]
+    assert [n for n, _ in widget_layout(SCHEMAS["Empty"])] == ["size", "seed"]  # control_after_generate False
+
+
+def test_build_then_convert():
+    wf = small_graph()
+    assert wf["version"] == 0.4 and wf["last_node_id"] == 5 and wf["last_link_id"] == 3
+    sampler = next(n for n in wf["nodes"] if n["id"] == 4)
+    assert sampler["widgets_values"] == [42, "randomize", 7, "y", 5, "randomize", False]
+    # sockets first, then widget inputs; optional ones drawn hollow (shape 7)
+    assert [i["name"] for i in sampler["inputs"]][:4] == ["model", "latent", "extra", "forced"]
+    assert sampler["inputs"][2]["shape"] == 7 and "shape" not in sampler["inputs"][0]
+    assert wf["links"] == [[1, 1, 0, 3, 0, "MODEL"], [2, 3, 0, 4, 0, "MODEL"], [3, 2, 0, 4, 1, "LATENT"]]
+    assert ui_to_api(wf, SCHEMAS) == {
+        "1": {"class_type": "Loader", "inputs": {"ckpt_name": "b.pt"}, "_meta": {"title": "Loader"}},
+        "2": {"class_type": "Empty", "inputs": {"size": 16, "seed": 3}, "_meta": {"title": "Empty"}},
+        "3": {"class_type": "Patch", "inputs": {"model": ["1", 0], "strength": 0.5}, "_meta": {"title": "Patch"}},
+        "4": {"class_type": "Sampler", "inputs": {"model": ["3", 0], "seed": 42, "steps": 7, "name": "y", "latent": ["2", 0],
+                                                  "noise_seed": 5, "flag": False}, "_meta": {"title": "Sampler"}},
+    }  # the Note is frontend-only; unlinked optional sockets are left out
+
+
+def test_convert_bypass_mute_reroute_and_linked_widgets():
+    wf = small_graph()
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    bypassed = copy.deepcopy(wf)
+    {n["id"]: n for n in bypassed["nodes"]}[3]["mode"] = 4  # Patch bypassed: the sampler gets the loader's MODEL
+    assert ui_to_api(bypassed, SCHEMAS)["4"]["inputs"]["model"] == ["1", 0] and "3" not in ui_to_api(bypassed, SCHEMAS)
+    muted = copy.deepcopy(wf)
+    {n["id"]: n for n in muted["nodes"]}[2]["mode"] = 2
+    with pytest.raises(WorkflowError, match="required input 'latent'"):
+        ui_to_api(muted, SCHEMAS)
+    # A reroute between the loader and Patch, and the sampler's steps widget fed by a link from Empty.
+    rerouted = copy.deepcopy(wf)
+    rerouted["nodes"].append({"id": 6, "type": "Reroute", "pos": [0, 0], "mode": 0, "inputs": [{"name": "", "type": "*", "link": 4}],
+                              "outputs": [{"name": "", "type": "MODEL", "links": [1]}], "properties": {}})
+    rerouted["links"] = [[1, 6, 0, 3, 0, "MODEL"], *wf["links"][1:], [4, 1, 0, 6, 0, "MODEL"]]
+    api = ui_to_api(rerouted, SCHEMAS)
+    assert api["3"]["inputs"]["model"] == ["1", 0] and "6" not in api
+    assert nodes[4]["widgets_values"][2] == 7
+    # A widget input fed by a link keeps its entry in widgets_values; the link wins.
+    linked = build_workflow([Node(1, "Int", (0, 0), {"value": 9}), Node(2, "Loader", (0, 0)), Node(3, "Empty", (0, 0)),
+                             Node(4, "Sampler", (0, 0), {"steps": 7}, {"steps": (1, 0), "model": (2, 0), "latent": (3, 0)})], SCHEMAS)
+    sampler = next(n for n in linked["nodes"] if n["id"] == 4)
+    assert sampler["widgets_values"][2] == 7 and next(i for i in sampler["inputs"] if i["name"] == "steps")["link"] == 1
+    assert ui_to_api(linked, SCHEMAS)["4"]["inputs"]["steps"] == ["1", 0]
+
+
+def test_convert_errors_name_the_problem():
+    wf = small_graph()
+    bad = copy.deepcopy(wf)
+    {n["id"]: n for n in bad["nodes"]}[4]["widgets_values"].pop()
+    with pytest.raises(WorkflowError, match=r"node 4 \(Sampler\): 6 widget values for 7 widgets"):
+        ui_to_api(bad, SCHEMAS)
+    with pytest.raises(WorkflowError, match="unknown to this ComfyUI: \\['Sampler'\\]"):
+        ui_to_api(wf, {k: v for k, v in SCHEMAS.items() if k != "Sampler"})
+    crossed = copy.deepcopy(wf)
+    crossed["links"][2][5] = "IMAGE"
+    with pytest.raises(WorkflowError, match="input 'latent' is LATENT, linked to IMAGE"):
+        ui_to_api(crossed, SCHEMAS)
+    with pytest.raises(WorkflowError, match="outside 8..64"):
+        build_workflow([Node(1, "Empty", (0, 0), {"size": 100})], SCHEMAS)
+    with pytest.raises(WorkflowError, match="not one of"):
+        build_workflow([Node(1, "Sampler", (0, 0), {"name": "z"})], SCHEMAS)
+    with pytest.raises(WorkflowError, match="wants LATENT"):
+        build_workflow([Node(1, "Loader", (0, 0)), Node(2, "Sampler", (0, 0), {}, {"latent": (1, 0)})], SCHEMAS)
+
+
+# ----------------------------------------------------------------------------- the files (CI)
+
+
+def test_the_five_workflows_exist():
+    assert NAMES == {DEMO, "latte-t2v-skip-cache", "latte-ucf101-class-to-video", "dit-class-to-image",
+                     "hunyuan-dit-text-to-image"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_file_is_consistent_ui_json(path):
+    wf = json.loads(path.read_text())
+    assert wf["version"] == 0.4 and isinstance(wf["nodes"], list) and isinstance(wf["links"], list)
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)) and wf["last_node_id"] >= max(ids)
+    assert wf["last_link_id"] >= max((link[0] for link in wf["links"]), default=0)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, a, a_slot, b, b_slot, kind in wf["links"]:
+        out = nodes[a]["outputs"][a_slot]
+        assert link_id in out["links"] and out["type"] == kind
+        inp = nodes[b]["inputs"][b_slot]
+        assert inp["link"] == link_id and inp["type"] == kind
+    linked = sorted(i["link"] for n in wf["nodes"] for i in n.get("inputs", []) if i.get("link") is not None)
+    assert linked == sorted(link[0] for link in wf["links"])
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    for file in model_files(wf):  # each workflow names the files it expects, in its note
+        assert file in text, f"{path.name}: {file} not in its note"
+
+
+def test_docs_table_names_every_workflow_and_file():
+    docs = (ROOT / "docs" / "comfyui.md").read_text()
+    for path in WORKFLOWS:
+        assert f"`{path.name}`" in docs
+        for file in model_files(json.loads(path.read_text())):
+            assert f"`{file}`" in docs, f"{file} ({path.name}) is not in docs/comfyui.md"
+
+
+def test_demo_workflow_is_the_demo_command():
+    from skipdit_core import demo
+
+    wf = load(DEMO)
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    assert by_type["SkipDiTModelLoader"]["widgets_values"][0] == demo.DEMO_MODEL.name
+    assert 0 <= by_type["SkipDiTClassLabel"]["widgets_values"][0] < len(demo.SHAPE_CLASSES)
+    interval, settings, unit, start, end, depth = by_type["SkipDiTApplySkipCache"]["widgets_values"]
+    assert (interval, settings) == (demo.DEMO_CACHE.interval, "auto")  # auto: Latte's authors' window
+    assert (start, end, depth) == (demo.DEMO_CACHE.start, demo.DEMO_CACHE.end, demo.DEMO_CACHE.depth)
+    defaults = inspect.signature(demo.run_demo).parameters
+    seed, control, steps, cfg, sampler, scheduler, denoise = by_type["KSampler"]["widgets_values"]
+    assert (steps, cfg, control, denoise) == (defaults["steps"].default, defaults["guidance"].default, "fixed", 1.0)
+    assert (sampler, scheduler) == ("ddim", "ddim_uniform") and defaults["sampler"].default == "ddim"
+    assert by_type["SkipDiTEmptyLatteLatent"]["widgets_values"] == [32, 32, 8, 1, "pixels (3 ch)"]
+    assert by_type["CreateVideo"]["widgets_values"] == [8.0]
+    assert set(model_files(wf)) == {demo.DEMO_MODEL.name}  # nothing to download
+
+
+# ----------------------------------------------------------------------------- a real ComfyUI
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    from comfyui_server import make_base_dir, write_model
+    from skipdit_core import demo
+
+    base = make_base_dir(tmp_path_factory.mktemp("comfy-workflows"))
+    if not demo.DEMO_MODEL.exists():
+        # A tiny random stand-in of the demo model's shape (pixel-space class-conditional Latte, 32x32,
+        # 8 frames, 4 classes, learned sigma, long skips) under its file name; never written into
+        # skipdit_core/assets/.
+        write_model(base / "models/skipdit" / demo.DEMO_MODEL.name, "latte", "Latte-tiny", in_channels=3, input_size=32,
+                    patch_size=4, num_frames=8, num_classes=4, learn_sigma=True, skip=True, depth=8, hidden_size=32, num_heads=2)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(base_dir):
+    from comfyui_server import Server
+
+    srv = Server(base_dir)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+@needs_comfyui
+def test_workflow_templates_lists_and_serves_them(server):
+    from comfyui_server import PACK_NAME
+
+    listed = server.get("/workflow_templates")
+    assert set(listed[PACK_NAME]) == NAMES
+    for path in WORKFLOWS:
+        assert server.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{path.name}") == path.read_bytes()
+
+
+@needs_comfyui
+def test_demo_workflow_runs_to_an_8_frame_video(server, base_dir, object_info):
+    import av
+
+    from comfyui_server import error_text
+    from skipdit_core import demo
+
+    prompt = ui_to_api(load(DEMO), object_info)
+    entry, log = server.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", error_text(entry) + log[-3000:]
+    real = "stand-in" if not demo.DEMO_MODEL.exists() else "bundled"
+    assert f"Load Skip-DiT Model: {demo.DEMO_MODEL.name}: latte" in log and "pixels space" in log, log[-2000:]
+    summary = re.search(r"Skip-Cache \[Latte, n=2, window t 900 -> 50, depth k=1\]: (\d+) full \+ (\d+) cached of 50 steps", log)
+    assert summary and int(summary.group(2)) > 0, log[-2000:]
+    (mp4,) = (base_dir / "output" / "skipdit").glob("demo-moving-shapes_*.mp4")
+    with av.open(str(mp4)) as f:
+        stream = f.streams.video[0]
+        frames = list(f.decode(video=0))
+        assert (len(frames), stream.width, stream.height, float(stream.average_rate)) == (8, 32, 32, 8.0), real
+
+
+@needs_comfyui
+@pytest.mark.parametrize("name", sorted(NAMES - NO_DOWNLOAD))
+def test_download_workflows_are_valid_but_for_their_model_files(server, object_info, name):
+    """Queued on a server without their weights, they are refused for the model files alone: every
+    other value and link passed ComfyUI's validation."""
+    wf = load(name)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.queue(ui_to_api(wf, object_info))
+    assert refused.value.code == 400
+    body = json.loads(refused.value.read())
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    missing = {}
+    for node in body["node_errors"].values():
+        for error in node["errors"]:
+            assert error["type"] in ("value_not_in_list", "custom_validation_failed"), error
+            assert error["extra_info"]["input_name"] in MODEL_FILE_INPUTS, error
+            (file,) = [f for f in model_files(wf) if f"'{f}'" in error["details"]]
+            missing[file] = node["class_type"]
+    assert missing == model_files(wf)
+
+
+def browser_missing() -> str | None:
+    """Why the frontend check cannot run here, or None."""
+    tools = Path(os.environ.get("SKIPDIT_BROWSER_TOOLS", "/work/browser-tools"))
+    chrome = os.environ.get("CHROME_PATH", "/usr/bin/chromium")
+    if not shutil.which("node"):
+        return "node (Node.js) is not installed"
+    if not Path(chrome).exists():
+        return f"no Chromium at {chrome} (set CHROME_PATH)"
+    if not (tools / "node_modules" / "puppeteer-core").is_dir():
+        return f"puppeteer-core is not installed in {tools} (set SKIPDIT_BROWSER_TOOLS to an npm folder with it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def frontend(server, tmp_path_factory) -> dict:
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    server.post("/settings/Comfy.TutorialCompleted", True)  # no "get started" template dialog over the graph
+    out = tmp_path_factory.mktemp("frontend")
+    done = subprocess.run(
+        ["node", str(ROOT / "tests" / "comfyui_frontend_check.js"), server.url, str(out / "result.json"), str(out), *map(str, WORKFLOWS)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    shutil.copy(out / f"{DEMO}.png", SCREENSHOT)
+    return {Path(r["file"]).stem: r for r in result["results"]} | {"_version": result["frontend"]}
+
+
+@needs_comfyui
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_workflow_loads_in_the_frontend_without_missing_nodes(frontend, object_info, name):
+    r = frontend[name]
+    wf = load(name)
+    assert r["unregistered"] == [] and r["missing"] == [] and r["errored"] == [], r
+    assert not r["missingDialog"]
+    assert (r["nodeCount"], r["linkCount"]) == (len(wf["nodes"]), len(wf["links"]))
+    # The frontend's own API prompt is the converter's.
+    strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}  # noqa: E731
+    assert strip(r["apiPrompt"]) == strip(ui_to_api(wf, object_info))
+    # Saved again by the frontend, every node is as in the file (but for the order it computes itself).
+    drop = lambda n: {k: v for k, v in n.items() if k != "order"}  # noqa: E731
+    saved = {n["id"]: drop(n) for n in r["serialized"]["nodes"]}
+    assert saved == {n["id"]: drop(n) for n in wf["nodes"]}
+    assert r["serialized"]["links"] == wf["links"]
+
+
+@needs_comfyui
+def test_demo_screenshot_saved(frontend):
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert frontend["_version"]

@@ -21,10 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from skipdit_core.loading import DTYPES  # noqa: E402
 from skipdit_core.models import build_model, make_config  # noqa: E402
 from skipdit_core.skip_cache import SkipCacheConfig, SkipCacheRun  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def one_run(args, interval: int) -> dict:

@@ -9,9 +9,8 @@ import torch
 
 from . import __version__
 from . import models
-from .loading import CheckpointError, convert_to_safetensors, inspect_checkpoint, save_safetensors
+from .loading import DTYPES, CheckpointError, convert_to_safetensors, inspect_checkpoint, save_safetensors
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _overrides(pairs: list[str]) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -79,7 +79,7 @@ def run_demo(
     c = model.config
     req = Request("latte", label=label, frames=c.num_frames, size=c.input_size, sampler=sampler, steps=steps,
                   guidance=guidance, seed=seed)
-    generate(model, Request(**{**req.__dict__, "steps": 5}))  # warm-up: allocator, kernels, first-call costs
+    generate(model, replace(req, steps=5))  # warm-up: allocator, kernels, first-call costs
     best = {"uncached": None, "cached": None}
     for _ in range(max(1, repeats)):
         for name, cfg in (("uncached", None), ("cached", cache)):

@@ -31,6 +31,8 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 META_FAMILY = "skipdit.family"
 META_CONFIG = "skipdit.config"
 MAX_LISTED = 5  # keys named in an error, per kind
+# Weight dtypes by the names the commands and configs use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):

@@ -19,6 +19,8 @@ from typing import Optional
 
 import yaml
 
+from skipdit_core.loading import DTYPES
+
 
 @dataclass
 class ModelSection:
@@ -121,6 +123,8 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source}: train.trainable must be one of {', '.join(TRAINABLE)}, got {cfg.train.trainable!r}")
     if "type" not in cfg.data:
         raise ConfigError(f"{source}: the data section needs a type (moving_shapes, video_folder, image_folder, latents)")
+    if cfg.train.save_dtype is not None and cfg.train.save_dtype not in DTYPES:
+        raise ConfigError(f"{source}: train.save_dtype must be one of {', '.join(DTYPES)} or null, got {cfg.train.save_dtype!r}")
     for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"{source}: train.{name} must be >= 1, got {getattr(cfg.train, name)}")

@@ -14,9 +14,10 @@ import argparse
 import torch
 import yaml
 
+from skipdit_core.loading import DTYPES
+
 from .data import build_dataset, precompute_latents
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv=None) -> int:

@@ -34,13 +34,12 @@ import torch
 import yaml
 
 from skipdit_core import models
-from skipdit_core.loading import inspect_checkpoint, save_safetensors
+from skipdit_core.loading import DTYPES, inspect_checkpoint, save_safetensors
 
 from .config import TrainConfig, load_config
 from .data import build_dataset
 from .objective import DiffusionObjective
 
-SAVE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SKIP_PREFIXES = ("skip_norms.", "skip_linears.")
 
 
@@ -194,7 +193,7 @@ def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int) -> str
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         family, config = cfg.model.family, accelerator.unwrap_model(model).config
-        dtype = SAVE_DTYPES[cfg.train.save_dtype]
+        dtype = DTYPES[cfg.train.save_dtype] if cfg.train.save_dtype else None
         save_safetensors(state, os.path.join(tmp, "model.safetensors"), family, config, dtype)
         save_safetensors(ema.state_dict(), os.path.join(tmp, "ema.safetensors"), family, config, dtype)
         _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "config": cfg.to_dict()}, indent=1))
@@ -295,13 +294,13 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     accelerator.register_for_checkpointing(ema)
     objective = DiffusionObjective(channel_dim=2 if cfg.model.family == "latte" else 1)
 
-    step = 0
+    step, checkpoint = 0, None
     if resume_run:
         path = latest_checkpoint(tc.output_dir)
         if path is None:
             log(f"--resume: no checkpoint in {tc.output_dir}, starting from step 0")
         else:
-            step = resume(accelerator, path)
+            step, checkpoint = resume(accelerator, path), path
             log(f"resumed from {path} at step {step}")
             if accelerator.is_main_process:  # rows logged after that save belong to the lost steps
                 drop_log_rows_after(os.path.join(tc.output_dir, "log.jsonl"), step)
@@ -323,8 +322,9 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     epoch, skip_batches = divmod(micro, len(loader))
     bar = tqdm(total=tc.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     log_file = os.path.join(tc.output_dir, "log.jsonl")
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
-    example, last_loss, checkpoint = None, math.nan, latest_checkpoint(tc.output_dir) if resume_run else None
+    new_window = lambda: {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}  # noqa: E731
+    window = new_window()
+    example, last_loss = None, math.nan
     model.train()
     while step < tc.max_steps:
         loader.set_epoch(epoch)
@@ -375,7 +375,7 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
                 if accelerator.is_main_process:
                     with open(log_file, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+                window = new_window()
             if step % tc.save_every == 0 or step == tc.max_steps:
                 checkpoint = save_checkpoint(accelerator, model, ema, cfg, step)
                 bar.write(f"step {step}: checkpoint {checkpoint}") if accelerator.is_local_main_process else None

@@ -130,6 +130,21 @@ def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1):
     return node.execute(model, n, "custom", "timesteps", start, end, depth).args[0]
 
 
+def compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, cfg) -> dict:
+    """Sample the model plain, with Apply Skip-Cache n = 1 and n = 2 (same seed); record each run's block
+    calls and how n = 1 / n = 2 compare with the plain run in `result`. Returns the three outputs."""
+    import torch  # after ComfyUI's start-up settings, like the checks below
+
+    runs = {}
+    for name, m in (("plain", model), ("n1", skip_cache(apply, model, 1)), ("n2", skip_cache(apply, model, 2))):
+        counts["calls"] = 0
+        runs[name] = run_sampler(nodes, m, positive, negative, latent, steps, cfg)
+        result[f"block_calls_{name}"] = counts["calls"]
+    result["n1_identical"] = bool(torch.equal(runs["n1"], runs["plain"]))
+    result["n2_rel_diff"] = rel_diff(runs["n2"], runs["plain"])
+    return runs
+
+
 def main():
     comfy_path, pack_dir, base_dir, checks = sys.argv[1:5]
     nodes = setup(comfy_path, base_dir)
@@ -165,13 +180,7 @@ def run_check(check, nodes, pack, base_dir, loaded):
         positive = [[clip, dict(extra)]]
         latent = {"samples": torch.zeros(1, 4, 8, 8)}
         steps = 6
-        runs = {}
-        for name, m in (("plain", model), ("n1", skip_cache(apply, model, 1)), ("n2", skip_cache(apply, model, 2))):
-            counts["calls"] = 0
-            runs[name] = run_sampler(nodes, m, positive, positive, latent, steps, 1.0)
-            result[f"block_calls_{name}"] = counts["calls"]
-        result["n1_identical"] = bool(torch.equal(runs["n1"], runs["plain"]))
-        result["n2_rel_diff"] = rel_diff(runs["n2"], runs["plain"])
+        runs = compare_intervals(nodes, apply, model, counts, result, positive, positive, latent, steps, 1.0)
         result["depth"] = dm.depth
         # The input model is untouched: no state, no patches, and it samples as before.
         options = model.model_options["transformer_options"]
@@ -236,13 +245,7 @@ def run_check(check, nodes, pack, base_dir, loaded):
         negative = [[torch.randn(1, 3, 32), {}]]  # another token count: cond and uncond run as separate batches
         latent = {"samples": torch.zeros(1, 4, 3, 8, 8)}
         steps = 6
-        runs = {}
-        for name, m in (("plain", model), ("n1", skip_cache(apply, model, 1)), ("n2", skip_cache(apply, model, 2))):
-            counts["calls"] = 0
-            runs[name] = run_sampler(nodes, m, positive, negative, latent, steps, 3.0)
-            result[f"block_calls_{name}"] = counts["calls"]
-        result["n1_identical"] = bool(torch.equal(runs["n1"], runs["plain"]))
-        result["n2_rel_diff"] = rel_diff(runs["n2"], runs["plain"])
+        runs = compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, 3.0)
         result["shape"] = list(runs["plain"].shape)
     elif check == "t5":
         clip = tiny_t5_clip()

@@ -62,6 +62,18 @@ class Server:
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=child_env())
 
+    def __enter__(self) -> "Server":
+        """The server, answering; stopped on leaving the block (also when start-up fails)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def log(self, start: int = 0) -> str:
         return self.log_path.read_text(errors="replace")[start:]
 

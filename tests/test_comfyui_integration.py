@@ -65,12 +65,8 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(base_dir):
-    srv = Server(base_dir)
-    try:
-        srv.wait_ready()
+    with Server(base_dir) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def load_latent(base: Path, prefix: str) -> torch.Tensor:

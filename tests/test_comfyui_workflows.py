@@ -255,12 +255,8 @@ def base_dir(tmp_path_factory) -> Path:
 def server(base_dir):
     from comfyui_server import Server
 
-    srv = Server(base_dir)
-    try:
-        srv.wait_ready()
+    with Server(base_dir) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,26 @@ def test_moving_shapes_geometry():
                               atol=1e-5)
 
 
+def test_moving_shapes_class_colours():
+    """colours="by_class": each class in its own fixed colour; size, path and label draws unchanged."""
+    rand, by_class = MovingShapes(length=8), MovingShapes(length=8, colours="by_class")
+    colours = {}
+    for i in range(8):
+        a, b = rand.params(i), by_class.params(i)
+        assert a["label"] == b["label"] and a["half"] == b["half"] and torch.equal(a["centers"], b["centers"])
+        colours.setdefault(b["label"], b["colour"])
+        assert torch.equal(colours[b["label"]], b["colour"])
+        full = coverage(by_class[i]["x"]) > 0.999
+        pixels = ((by_class[i]["x"] + 1) / 2).permute(0, 2, 3, 1)[full]
+        assert torch.allclose(pixels, b["colour"].expand_as(pixels), atol=1e-5)
+    assert len(colours) == 4
+    rgb = torch.stack([colours[c] for c in range(4)])
+    assert rgb.argmax(1).tolist()[:3] == [0, 1, 2]  # red circle, green square, blue triangle
+    assert (rgb[3, :2] > 0.9).all() and rgb[3, 2] < 0.5  # yellow cross
+    with pytest.raises(ValueError, match="colours must be one of random, by_class"):
+        MovingShapes(colours="rainbow")
+
+
 def test_moving_shapes_text():
     ds = MovingShapes(length=12, text_len=6, text_dim=10)
     items = [ds[i] for i in range(8)]

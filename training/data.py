@@ -62,6 +62,11 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> torch.Tensor:
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
+# Hues of colours="by_class" (label order of SHAPE_CLASSES): red circle, green square, blue triangle, yellow cross.
+CLASS_HUES = (0.0, 1 / 3, 0.6, 1 / 6)
+COLOUR_MODES = ("random", "by_class")
+
+
 def _shape_coverage(shape: str, centers: torch.Tensor, half: float, size: int, supersample: int = 4) -> torch.Tensor:
     """Fraction of each pixel covered by a filled shape: (F, size, size) in [0, 1].
 
@@ -90,7 +95,9 @@ class MovingShapes(Dataset):
     """Synthetic class-labelled videos, generated on the fly: a quick stand-in for a real video dataset.
 
     Each video shows one filled shape of its class (SHAPE_CLASSES[:num_classes]) on a black background, in a
-    random bright colour, with a random size (25-40% of the frame), start position and direction, moving at
+    random bright colour (colours="random") or in its class's colour (colours="by_class", CLASS_HUES: the class
+    is then visible in every pixel of the shape, not only at its edges, which a small model learns far sooner),
+    with a random size (25-40% of the frame), start position and direction, moving at
     a constant speed and bouncing off the frame edges. Item i depends only on (seed, i); label = i % num_classes,
     so the classes are balanced.
 
@@ -101,7 +108,9 @@ class MovingShapes(Dataset):
     """
 
     def __init__(self, num_frames: int = 8, size: int = 32, length: int = 10000, seed: int = 0,
-                 num_classes: int = 4, text_len: int = 0, text_dim: int = 0):
+                 num_classes: int = 4, text_len: int = 0, text_dim: int = 0, colours: str = "random"):
+        if colours not in COLOUR_MODES:
+            raise ValueError(f"colours must be one of {', '.join(COLOUR_MODES)}, got {colours!r}")
         if not 1 <= num_classes <= len(SHAPE_CLASSES):
             raise ValueError(f"num_classes must be in 1..{len(SHAPE_CLASSES)}, got {num_classes}")
         if num_frames < 1 or size < 4 or length < 1:
@@ -110,6 +119,7 @@ class MovingShapes(Dataset):
             raise ValueError(f"text_len and text_dim go together (both > 0 for text), got {text_len}, {text_dim}")
         self.num_frames, self.size, self.length, self.seed = num_frames, size, length, seed
         self.classes = list(SHAPE_CLASSES[:num_classes])
+        self.colours = colours
         self.text_len, self.text_dim = text_len, text_dim
         # One fixed embedding per class, drawn once (not per item): captions are per class.
         self.class_embeds = None
@@ -141,7 +151,10 @@ class MovingShapes(Dataset):
         # Bouncing = folding the straight path into [0, span] (a triangle wave of period 2*span).
         path = torch.remainder(start - lo + velocity * torch.arange(self.num_frames).view(-1, 1), 2 * span)
         centers = lo + torch.where(path > span, 2 * span - path, path)
-        colour = _hsv_to_rgb(u[5], 0.6 + 0.4 * u[6], 1.0)  # full value: bright on black
+        if self.colours == "by_class":
+            colour = _hsv_to_rgb(CLASS_HUES[label], 0.85, 1.0)
+        else:
+            colour = _hsv_to_rgb(u[5], 0.6 + 0.4 * u[6], 1.0)  # full value: bright on black
         return {"label": label, "shape": self.classes[label], "colour": colour, "half": half, "centers": centers}
 
     def __getitem__(self, i: int) -> dict:

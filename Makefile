@@ -15,7 +15,7 @@ install: $(VENV)/bin/python
 	$(PIP) install -e .
 
 install-test: install
-	$(PIP) install -e ".[test,train]"
+	$(PIP) install -e ".[test,train,plots]"
 
 demo: install
 	$(VENV)/bin/skipdit new outputs/skip-latte-tiny.safetensors --family latte --preset Latte-tiny --set skip=true

@@ -204,7 +204,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def generation_args(sp, bench: bool) -> None:
+def request_args(sp) -> None:
+    """The checkpoint and what to generate with it (sample, bench, analyze)."""
     sp.add_argument("checkpoint")
     sp.add_argument("--label", type=int, help="class label (class-conditional models)")
     sp.add_argument("--text-embeddings", help=".safetensors with prompt_embeds (T5 for Latte T2V; CLIP + prompt_embeds_2 T5 for Hunyuan-DiT)")
@@ -217,6 +218,10 @@ def generation_args(sp, bench: bool) -> None:
     sp.add_argument("--vae", help="a local diffusers AutoencoderKL folder, to decode latent models")
     sp.add_argument("--device", help="default: cuda if available, else cpu")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+
+
+def generation_args(sp, bench: bool) -> None:
+    request_args(sp)
     if bench:
         sp.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4], help="Skip-Cache intervals to compare")
         sp.add_argument("--json", action="store_true")
@@ -279,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="another checkpoint of the demo's kind (default: the bundled Skip-Latte)")
     demo.set_defaults(func=cmd_demo)
 
+    analyze = sub.add_parser("analyze", help="feature dynamics heatmap (paper Figure 4) and suggested Skip-Cache settings")
+    request_args(analyze)
+    analyze.set_defaults(sampler="ddim", func=cmd_analyze)
+    analyze.add_argument("--twin", help="a vanilla twin checkpoint (no long skips) to draw beside it")
+    analyze.add_argument("--threshold", type=float, default=0.95,
+                         help="similarity the reused deep feature must keep inside the window (default 0.95)")
+    analyze.add_argument("--cache-depth", type=int, default=1, help="units recomputed at each end (k)")
+    analyze.add_argument("--max-lag", type=int, default=5, help="largest reuse distance tried (interval up to max-lag + 1)")
+    analyze.add_argument("-o", "--output", default="outputs/feature-dynamics.png", help="the heatmap PNG")
+
     presets = sub.add_parser("presets", help="list the model presets of every family")
     presets.set_defaults(func=cmd_presets)
     return p
@@ -298,6 +313,45 @@ def cmd_demo(args) -> int:
     print(f"with Skip-Cache:    {r.cached_seconds:.3f} s -> {r.cached_path} ({r.summary})")
     print(f"speedup {r.speedup:.2f}x (bound {r.speedup_bound:.2f}x), PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.3f} "
           "(cached vs uncached, same seed)")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import os
+
+    from .analyze import plot_dynamics, record_dynamics, suggest
+    from .loading import load_model
+
+    panels = []
+    for path in [args.checkpoint] + ([args.twin] if args.twin else []):
+        model, ckpt = load_model(path, dtype=DTYPES[args.dtype], device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        req = _request(args, model, ckpt.family)
+        dyn = record_dynamics(model, req, max_lag=args.max_lag, progress=_Progress(os.path.basename(path)))
+        panels.append((path, dyn))
+        unit = dyn.cached_unit(args.cache_depth) if dyn.num_skips else dyn.num_units - args.cache_depth - 1
+        print(f"{path}: {dyn.num_units} units, {dyn.num_skips} long skips, {len(dyn.timesteps)} {req.sampler} steps "
+              f"({dyn.seconds:.1f} s); unit {unit} vs the previous step: mean cosine {dyn.mean_similarity(unit):.4f}, "
+              f"min {float(dyn.similarity[0, unit].nan_to_num(2.0).min()):.4f}")
+    skip_dyn = panels[0][1]
+    tip = suggest(skip_dyn, args.threshold, args.cache_depth)
+    short = lambda p: p if len(p) <= 60 else "..." + p[-57:]  # noqa: E731
+    names = [f"{short(p)} ({'skip' if d.num_skips else 'vanilla'})" for p, d in panels]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    plot_dynamics(list(zip(names, [d for _, d in panels])), args.output, tip, args.cache_depth)
+    print(f"heatmap: {args.output}")
+    if skip_dyn.num_skips == 0:
+        print("no long skips in this model: Skip-Cache cannot run on it (give a Skip-DiT, and this one as --twin)")
+    elif tip is None:
+        print(f"no suggestion: the reused feature (unit {skip_dyn.cached_unit(args.cache_depth)}) never stays above "
+              f"{args.threshold} between two steps; try a lower --threshold")
+    else:
+        print(f"suggested Skip-Cache: interval {tip.interval}, window {tip.start} -> {tip.end}, depth {tip.depth} "
+              f"(reused feature keeps a mean cosine of {tip.window_similarity:.4f} at distance {tip.interval - 1})")
+        print(f"  on this trajectory: {tip.stats.summary()}, speedup bound {tip.speedup_bound:.2f}x")
+        print(f"  skipdit sample ... --cache-interval {tip.interval} --cache-start {tip.start} --cache-end {tip.end} "
+              f"--cache-depth {tip.depth}")
+        print(f"  ComfyUI Apply Skip-Cache: interval {tip.interval}, start {tip.start}, end {tip.end} (timesteps), "
+              f"depth {tip.depth}")
     return 0
 
 

@@ -81,6 +81,8 @@ class UStack:
             raise ValueError(f"a stack of {num_units} units cannot hold {num_skips} long skips")
         self.num_units = num_units
         self.num_skips = num_skips
+        # observe(i, h) is called with each unit's output as it is computed (e.g. by `skipdit analyze`).
+        self.observers: list[Callable[[int, torch.Tensor], None]] = []
 
     @property
     def receivers(self) -> range:
@@ -137,6 +139,8 @@ class UStack:
             if i >= L - S:
                 h = fuse(i - (L - S), h, pushed.pop(L - 1 - i))
             h = run_unit(i, h)
+            for observe in self.observers:
+                observe(i, h)
             if i < S:
                 pushed[i] = h
         return h

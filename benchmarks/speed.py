@@ -1,0 +1,124 @@
+"""Skip-Cache speed per family, interval and window: measured speedup next to the speedup bound.
+
+Each setting samples the same trajectory through `pipeline.generate` (the sampler, classifier-free
+guidance as one batch of 2, the Skip-Cache rule), on a skip model of the family's full-size shape with
+random weights (speed does not depend on them) at a reduced latent. All settings run in one process,
+one after another, each `--repeats` times (the fastest kept), so that the speedups are ratios of one run.
+
+    python benchmarks/speed.py --family latte     # Latte-XL/2, 4 frames of 8x8 latents
+    python benchmarks/speed.py --family dit       # DiT-XL/2, 16x16 latent
+    python benchmarks/speed.py --family hunyuan   # Hunyuan-DiT v1.2, 16x16 latent, 77 + 256 text tokens
+    python benchmarks/speed.py --family latte --device cuda --dtype bf16 --frames 16 --size 32
+
+Settings: uncached; n = 2..6 in the first window; every other window at n = 2 (`--grid`: every n in
+every window). The bound is 1 / ((1 - f) + f * 2k / L) for the schedule run (f: cached fraction).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from skipdit_core.loading import DTYPES  # noqa: E402
+from skipdit_core.models import build_model, make_config  # noqa: E402
+from skipdit_core.pipeline import Request, generate  # noqa: E402
+from skipdit_core.skip_cache import AUTHORS_SETTINGS, SkipCacheConfig  # noqa: E402
+
+# Per family: the full-size preset and the reduced sample it is timed on.
+SHAPES = {
+    "latte": {"preset": "Latte-XL/2-ucf101", "frames": 4, "size": 8},
+    "dit": {"preset": "DiT-XL/2", "frames": 1, "size": 16},
+    "hunyuan": {"preset": "HunyuanDiT-v1.2", "frames": 1, "size": 16},
+}
+WINDOWS = ["700:50", "800:50", "900:50", "950:300", "1000:0"]  # the paper's windows; 1000:0 = every step
+
+
+def build(family: str, preset: str, device, dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = make_config(family, {"skip": True} if family != "hunyuan" else {}, preset=preset)
+    return build_model(family, config).to(device=device, dtype=dtype).eval()
+
+
+def request(family: str, model, frames: int, size: int, steps: int) -> Request:
+    """DDIM `steps` with guidance 4; Hunyuan-DiT gets random text states of the real lengths."""
+    text = {}
+    if family == "hunyuan":
+        c = model.config
+        g = torch.Generator().manual_seed(1)
+        text = {"prompt_embeds": torch.randn(1, c.text_len, c.text_states_dim, generator=g),
+                "prompt_embeds_2": torch.randn(1, c.text_len_t5, c.text_states_dim_t5, generator=g)}
+    return Request(family, label=1 if family != "hunyuan" else None, text=text, frames=frames, size=size,
+                   sampler="ddim", steps=steps, guidance=4.0, seed=0)
+
+
+def settings(intervals: list[int], windows: list[str], depth: int, grid: bool) -> list[SkipCacheConfig | None]:
+    def config(n, window):
+        start, end = (float(v) for v in window.split(":"))
+        return SkipCacheConfig(interval=n, start=start, end=end, depth=depth)
+
+    out = [None] + [config(n, windows[0]) for n in intervals]
+    for window in windows[1:]:
+        out += [config(n, window) for n in (intervals if grid else intervals[:1])]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=list(SHAPES), default="latte")
+    p.add_argument("--preset", help="default: the family's released full-size shape")
+    p.add_argument("--frames", type=int, help="video frames (Latte)")
+    p.add_argument("--size", type=int, help="latent height = width")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    p.add_argument("--windows", nargs="+", default=WINDOWS, help="start:end timesteps; the first is the n sweep's")
+    p.add_argument("--depth", type=int, help="k (default: the authors' for the family)")
+    p.add_argument("--grid", action="store_true", help="every interval in every window")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    shape = SHAPES[args.family]
+    preset, frames, size = args.preset or shape["preset"], args.frames or shape["frames"], args.size or shape["size"]
+    depth = args.depth or AUTHORS_SETTINGS[args.family].depth
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = build(args.family, preset, device, dtype)
+    req = request(args.family, model, frames, size, args.steps)
+    with torch.no_grad():
+        generate(model, replace(req, steps=2))  # warm-up: kernels, allocator
+
+    rows = []
+    for cache in settings(args.intervals, args.windows, depth, args.grid):
+        result = min((generate(model, req, cache) for _ in range(args.repeats)), key=lambda r: r.seconds)
+        rows.append({
+            "interval": cache.interval if cache else 1,
+            "window": f"{cache.start:g}->{cache.end:g}" if cache else "-",
+            "full": result.stats.full_steps if cache else args.steps,
+            "cached": result.stats.cached_steps if cache else 0,
+            "seconds": result.seconds, "bound": result.speedup_bound,
+        })
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        r["of_bound"] = r["speedup"] / r["bound"]
+    title = (f"{preset} ({'skip' if args.family != 'hunyuan' else 'native long skips'}), "
+             f"{f'{frames} frames, ' if args.family == 'latte' else ''}latent {size}x{size}, CFG batch 2, "
+             f"DDIM {args.steps}, k={depth}, {args.device} {args.dtype}")
+    if args.json:
+        print(json.dumps({"title": title, "args": vars(args), "rows": rows}, indent=2))
+        return
+    print(title)
+    print(f"{'n':>3} {'window':>9} {'full':>5} {'cached':>6} {'seconds':>8} {'speedup':>8} {'bound':>6} {'of bound':>9}")
+    for r in rows:
+        print(f"{r['interval']:>3} {r['window']:>9} {r['full']:>5} {r['cached']:>6} {r['seconds']:>8.2f} "
+              f"{r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['of_bound']:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -330,20 +330,22 @@ def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *
 class CFGConvention:
     """cond_first: the doubled batch holds the conditional half first (else unconditional first);
     channel_dim: the channel axis; guided_channels: how many leading channels are guided (None:
-    all), the others taken from the conditional half; drop_variance: "before" / "after" guidance
+    all; "eps": as many as x has, i.e. the eps half of a learned-variance output), the others taken
+    from the conditional half; drop_variance: "before" / "after" guidance
     the output's second half of channels is dropped (when it has 2x x's channels), None keeps it."""
 
     cond_first: bool
     channel_dim: int
-    guided_channels: Optional[int]
+    guided_channels: Union[int, str, None]
     drop_variance: Optional[str]
 
 
 CFG_CONVENTIONS = {
     # DiT sample.py / forward_with_cfg: labels [y, null]; `eps, rest = out[:, :3], out[:, 3:]`.
     "dit": CFGConvention(cond_first=True, channel_dim=1, guided_channels=3, drop_variance=None),
-    # Latte class-to-video forward_with_cfg: labels [y, null]; out[:, :, :4] guided on (B, F, C, H, W).
-    "latte": CFGConvention(cond_first=True, channel_dim=2, guided_channels=4, drop_variance=None),
+    # Latte class-to-video forward_with_cfg: labels [y, null]; out[:, :, :4] guided on (B, F, C, H, W),
+    # the eps channels of its 4-channel latents; a pixel-space (3-channel) Latte guides its 3.
+    "latte": CFGConvention(cond_first=True, channel_dim=2, guided_channels="eps", drop_variance=None),
     # Latte T2V pipeline: prompts [negative, prompt]; all channels guided, then the variance dropped.
     "latte_t2v": CFGConvention(cond_first=False, channel_dim=1, guided_channels=None, drop_variance="after"),
     # Hunyuan-DiT pipeline: prompts [negative, prompt]; variance dropped, then guided.
@@ -382,7 +384,7 @@ def guided(denoise_batch: Denoise, guidance_scale: Optional[float],
             out = drop(out, x)
         first, second = out.chunk(2, dim=0)
         cond, uncond = (first, second) if conv.cond_first else (second, first)
-        n = cond.shape[dim] if conv.guided_channels is None else conv.guided_channels
+        n = {None: cond.shape[dim], "eps": x.shape[dim]}.get(conv.guided_channels, conv.guided_channels)
         mixed = uncond.narrow(dim, 0, n) + scale * (cond.narrow(dim, 0, n) - uncond.narrow(dim, 0, n))
         if n < cond.shape[dim]:
             mixed = torch.cat([mixed, cond.narrow(dim, n, cond.shape[dim] - n)], dim=dim)

@@ -247,6 +247,13 @@ def test_cfg_conventions(family, shape, dim):
     assert CFG_CONVENTIONS[family].channel_dim == dim
 
 
+def test_pixel_space_latte_guides_its_three_eps_channels_only():
+    """A 3-channel Latte with learned variance outputs 6 channels: eps (3) guided, variance (3) conditional."""
+    out = guided(FakeBatched(2), 4.0, "latte")(torch.zeros(1, 2, 3, 2, 2), torch.full((1,), 500.0))
+    cond, uncond = 10.0 + torch.arange(6.0), 20.0 + torch.arange(6.0)
+    torch.testing.assert_close(out[0, 0, :, 0, 0], torch.cat([(uncond + 4.0 * (cond - uncond))[:3], cond[3:]]))
+
+
 @pytest.mark.parametrize("scale", [None, 1.0])
 @pytest.mark.parametrize("family,shape,dim", [("dit", (2, 4, 2, 2), 1), ("hunyuan", (2, 4, 2, 2), 1)])
 def test_no_guidance_makes_one_undoubled_call(scale, family, shape, dim):

@@ -1,0 +1,200 @@
+"""Fidelity against speed on the bundled demo model: Skip-Cache on the Skip-Latte, the peer caches on its
+vanilla twin, same seeds and classes, each cached video compared with its own model's uncached video.
+
+    python benchmarks/fidelity.py                      # writes docs/benchmarks/*.png and prints the tables
+    python benchmarks/fidelity.py --classes 0 1 --seeds 0 --steps 20   # a quick look
+
+Per setting: PSNR and SSIM (frames in [-1, 1]) of the cached video against the uncached one of the same
+model, class and seed, and the measured speedup (uncached seconds / cached seconds of the same trajectory),
+each averaged over every (class, seed). LPIPS is reported when the `lpips` package and its weights load
+(it needs torchvision and a weight download, so on a machine without them the column says n/a).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from peer_caches import METHODS, peer_cache  # noqa: E402
+from speed import WINDOWS, settings  # noqa: E402
+
+from skipdit_core.demo import DEMO_MODEL, SHAPE_CLASSES, VANILLA_TWIN  # noqa: E402
+from skipdit_core.loading import load_model  # noqa: E402
+from skipdit_core.media import psnr, ssim  # noqa: E402
+from skipdit_core.pipeline import Request, generate, to_frames  # noqa: E402
+
+
+# The peers' settings, mild to aggressive (knobs: benchmarks/peer_caches.py).
+PEERS = {
+    "fbcache": ("First Block Cache", [{"threshold": v} for v in (0.02, 0.05, 0.1, 0.2)]),
+    "pab": ("PAB", [{"spatial_skip": s, "temporal_skip": t} for s, t in ((2, 3), (3, 4), (4, 6))]),
+    "fastercache": ("FasterCache", [{"uncond_skip": u, "attention_skip": a} for u, a in ((3, 2), (5, 2), (5, 3))]),
+    "taylorseer": ("TaylorSeer", [{"interval": n} for n in (2, 3, 4, 6)]),
+}
+assert set(PEERS) == set(METHODS)
+
+
+def lpips_metric():
+    """An LPIPS(a, b) function on (F, 3, H, W) frames in [-1, 1], or None when it cannot load here."""
+    try:
+        import lpips
+
+        net = lpips.LPIPS(net="alex", verbose=False).eval()
+    except Exception:  # not installed, torchvision missing, or no weights offline
+        return None
+    return lambda a, b: float(net(a, b).mean())
+
+
+class Trajectories:
+    """One model's uncached videos per (class, seed), and the comparison of a cached run with them."""
+
+    def __init__(self, model, requests: list[Request], lpips_fn):
+        self.model, self.requests, self.lpips = model, requests, lpips_fn
+        generate(model, replace(requests[0], steps=3))  # warm-up: allocator, kernels
+        self.reference = [generate(model, r) for r in requests]
+
+    def compare(self, run) -> dict:
+        """run(request) -> pipeline Result; the means over every trajectory."""
+        rows = []
+        for req, ref in zip(self.requests, self.reference):
+            result = run(req)
+            a = to_frames("latte", ref.sample).clamp(-1, 1)
+            b = to_frames("latte", result.sample).clamp(-1, 1)
+            rows.append({"psnr": psnr(a, b), "ssim": ssim(a, b), "speedup": ref.seconds / result.seconds,
+                         "lpips": self.lpips(a, b) if self.lpips else math.nan})
+        mean = lambda k: sum(min(r[k], 99.0) for r in rows) / len(rows)  # noqa: E731  (identical = 99 dB)
+        return {k: mean(k) for k in ("psnr", "ssim", "speedup", "lpips")}
+
+
+def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool) -> list[dict]:
+    rows = []
+    for cache in settings(intervals, windows, 1, grid)[1:]:
+        stats = {}
+
+        def run(req, cache=cache):
+            result = generate(traj.model, req, cache)
+            stats["compute"] = result.stats.blocks_run / result.stats.blocks_uncached
+            return result
+
+        rows.append({"method": "Skip-Cache", "setting": f"n={cache.interval} {cache.start:g}->{cache.end:g}",
+                     **traj.compare(run), "compute": stats["compute"]})
+    return rows
+
+
+def peer_rows(traj: Trajectories, methods: list[str]) -> list[dict]:
+    rows = []
+    for method in methods:
+        label, sweep = PEERS[method]
+        for params in sweep:
+            stats = {}
+
+            def run(req, method=method, params=params):
+                with peer_cache(traj.model, method, **params) as s:
+                    result = generate(traj.model, req)
+                stats["compute"] = s.compute_fraction
+                return result
+
+            setting = ", ".join(f"{k}={v}" for k, v in params.items())
+            rows.append({"method": label, "setting": setting, **traj.compare(run), "compute": stats["compute"]})
+    return rows
+
+
+def equal_speedup_check(skip_rows: list[dict], peer: list[dict]) -> list[str]:
+    """For each peer setting: the Skip-Cache PSNR at the same speedup (linear between the two Skip-Cache
+    settings around it, sorted by speedup), and which is closer to its uncached output."""
+    curve = sorted((r["speedup"], r["psnr"]) for r in skip_rows)
+    lines = []
+    for r in peer:
+        s = r["speedup"]
+        if not curve[0][0] <= s <= curve[-1][0]:
+            lines.append(f"{r['method']} {r['setting']}: {s:.2f}x is outside the Skip-Cache range "
+                         f"{curve[0][0]:.2f}x-{curve[-1][0]:.2f}x; no comparison")
+            continue
+        for (s0, p0), (s1, p1) in zip(curve, curve[1:]):
+            if s0 <= s <= s1:
+                p = p0 if s1 == s0 else p0 + (p1 - p0) * (s - s0) / (s1 - s0)
+                break
+        verdict = "Skip-Cache closer" if p > r["psnr"] else "peer closer"
+        lines.append(f"{r['method']} {r['setting']}: {s:.2f}x, PSNR {r['psnr']:.2f} dB vs Skip-Cache {p:.2f} dB "
+                     f"at that speedup -> {verdict}")
+    return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["speedup"], r["psnr"]) for r in rows if r["method"] == method)
+        style = dict(marker="*", markersize=11, linewidth=2) if method == "Skip-Cache" else dict(marker="o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+    ax.set_xlabel("measured speedup (uncached seconds / cached seconds)")
+    ax.set_ylabel("PSNR to its own uncached output (dB)")
+    ax.set_title("Skip-Cache on the Skip-Latte vs caches on its vanilla twin (demo model)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEMO_MODEL))
+    p.add_argument("--twin", default=str(VANILLA_TWIN))
+    p.add_argument("--classes", type=int, nargs="+", default=list(range(len(SHAPE_CLASSES))))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    p.add_argument("--windows", nargs="+", default=WINDOWS)
+    p.add_argument("--grid", action="store_true", help="every interval in every window")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "benchmarks"))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    lpips_fn = lpips_metric()
+    skip, _ = load_model(args.model)
+    twin, _ = load_model(args.twin)
+    c = skip.config
+    requests = [Request("latte", label=k, frames=c.num_frames, size=c.input_size, sampler="ddim", steps=args.steps,
+                        guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
+    with torch.no_grad():
+        skip_rows = skip_cache_rows(Trajectories(skip, requests, lpips_fn), args.intervals, args.windows, args.grid)
+        peers = peer_rows(Trajectories(twin, requests, lpips_fn), args.methods)
+    rows = skip_rows + peers
+    os.makedirs(args.out, exist_ok=True)
+    png = os.path.join(args.out, "fidelity-vs-speedup.png")
+    plot(rows, png)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    print(f"{len(requests)} trajectories ({len(args.classes)} classes x {len(args.seeds)} seeds), DDIM {args.steps}, "
+          f"guidance {args.guidance}; LPIPS {'alex' if lpips_fn else 'n/a (lpips cannot load here)'}")
+    print("| method | setting | block compute | speedup | PSNR dB | SSIM | LPIPS |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lp = "n/a" if math.isnan(r["lpips"]) else f"{r['lpips']:.4f}"
+        print(f"| {r['method']} | {r['setting']} | {r['compute']:.0%} | {r['speedup']:.2f}x | {r['psnr']:.2f} | "
+              f"{r['ssim']:.4f} | {lp} |")
+    print("\nAt equal speedup (the paper's claim in miniature):")
+    for line in equal_speedup_check(skip_rows, peers):
+        print("  " + line)
+    print(f"\nplot: {os.path.relpath(png)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -68,6 +68,28 @@ def settings(intervals: list[int], windows: list[str], depth: int, grid: bool) -
     return out
 
 
+def plot(rows: list[dict], title: str, path: str) -> None:
+    """Measured speedup (bars) and the bound (ticks) per cached setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cached = rows[1:]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cached) + 2), 4))
+    x = range(len(cached))
+    ax.bar(x, [r["speedup"] for r in cached], color="tab:blue", label="measured")
+    ax.scatter(x, [r["bound"] for r in cached], marker="_", s=400, color="black", label="bound", zorder=3)
+    ax.set_xticks(list(x), [f"n={r['interval']}\n{r['window']}" for r in cached], fontsize=7)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("speedup over uncached")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=list(SHAPES), default="latte")
@@ -83,6 +105,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="write measured speedup and bound per setting as a PNG")
     args = p.parse_args()
 
     shape = SHAPES[args.family]
@@ -110,6 +133,8 @@ def main() -> None:
     title = (f"{preset} ({'skip' if args.family != 'hunyuan' else 'native long skips'}), "
              f"{f'{frames} frames, ' if args.family == 'latte' else ''}latent {size}x{size}, CFG batch 2, "
              f"DDIM {args.steps}, k={depth}, {args.device} {args.dtype}")
+    if args.plot:
+        plot(rows, title, args.plot)
     if args.json:
         print(json.dumps({"title": title, "args": vars(args), "rows": rows}, indent=2))
         return

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end on tiny models (their figures come from real runs, see docs/benchmarks.md)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import randomize
+
+from skipdit_core.loading import save_safetensors
+from skipdit_core.models import build_model, make_config
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def run(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_speed_reports_each_setting_against_uncached():
+    data = json.loads(run("speed.py", "--family", "dit", "--preset", "DiT-tiny", "--size", "8", "--steps", "10",
+                          "--intervals", "2", "3", "--windows", "700:50", "1000:0", "--depth", "1", "--json"))
+    rows = data["rows"]
+    assert [(r["interval"], r["window"]) for r in rows] == [(1, "-"), (2, "700->50"), (3, "700->50"), (2, "1000->0")]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["cached"] == 0 and rows[0]["bound"] == 1.0
+    for r in rows[1:]:
+        assert r["cached"] > 0 and r["full"] + r["cached"] == 10 and r["bound"] > 1.0 and r["seconds"] > 0
+
+
+def test_fidelity_compares_skip_cache_and_every_peer(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("diffusers.hooks.first_block_cache")
+    paths = {}
+    for skip in (True, False):
+        config = make_config("latte", dict(in_channels=3, input_size=8, patch_size=4, num_frames=4, num_classes=4,
+                                           depth=8, hidden_size=32, num_heads=2, skip=skip))
+        paths[skip] = tmp_path / f"{skip}.safetensors"
+        save_safetensors(randomize(build_model("latte", config), seed=4).state_dict(), paths[skip], "latte", config)
+    out = run("fidelity.py", "--model", str(paths[True]), "--twin", str(paths[False]), "--classes", "1",
+              "--seeds", "0", "--steps", "6", "--intervals", "2", "--windows", "1000:0", "--out", str(tmp_path))
+    table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    methods = {line.split(" | ")[0][2:] for line in table}
+    assert methods == {"Skip-Cache", "First Block Cache", "PAB", "FasterCache", "TaylorSeer"}
+    assert "At equal speedup" in out
+    assert (tmp_path / "fidelity-vs-speedup.png").stat().st_size > 10_000

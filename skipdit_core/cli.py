@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repeats", type=int, default=3, help="timed runs of each (the fastest is kept)")
     demo.add_argument("--model", help="another checkpoint of the demo's kind (default: the bundled Skip-Latte)")
+    demo.add_argument("--scale", type=int, help="upscale the written videos (nearest neighbour; default: to >= 128 px)")
     demo.set_defaults(func=cmd_demo)
 
     analyze = sub.add_parser("analyze", help="feature dynamics heatmap (paper Figure 4) and suggested Skip-Cache settings")
@@ -308,7 +309,7 @@ def cmd_demo(args) -> int:
     print(f"demo model {args.model or DEMO_MODEL}: class {args.label!r}, DDIM {args.steps} steps, guidance {args.guidance}, "
           f"seed {args.seed}; Skip-Cache n={cache.interval} {cache.start:g}->{cache.end:g} k={cache.depth}")
     r = run_demo(args.out, args.label, cache, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                 repeats=args.repeats, model_path=args.model)
+                 repeats=args.repeats, model_path=args.model, scale=args.scale)
     print(f"without Skip-Cache: {r.uncached_seconds:.3f} s -> {r.uncached_path}")
     print(f"with Skip-Cache:    {r.cached_seconds:.3f} s -> {r.cached_path} ({r.summary})")
     print(f"speedup {r.speedup:.2f}x (bound {r.speedup_bound:.2f}x), PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.3f} "

@@ -27,7 +27,7 @@ SAMPLER = {"sampler_name": "ddim", "scheduler": "ddim_uniform"}
 
 DEMO_TEXT = """Skip-DiT demo: moving shapes (CPU, nothing to download)
 
-Model: skip-latte-shapes.safetensors, bundled with the pack (skipdit_core/assets/, listed by Load Skip-DiT Model). A class-conditional pixel-space Skip-Latte (about 2 M parameters): 8 frames of 32x32 RGB, no VAE.
+Model: skip-latte-shapes.safetensors, bundled with the pack (skipdit_core/assets/, listed by Load Skip-DiT Model). A class-conditional pixel-space Skip-Latte (about 1 M parameters): 8 frames of 16x16 RGB, no VAE; each shape in its own colour (red circle, green square, blue triangle, yellow cross). Upscale Image (nearest-exact) makes the saved video 128x128 to be seen.
 
 Class label: 0 circle, 1 square, 2 triangle, 3 cross. The negative output is the null label (classifier-free guidance).
 
@@ -87,14 +87,16 @@ def demo():
         Node(2, "SkipDiTClassLabel", (0, 170), {"class_label": 0}, title="Class: 0 circle, 1 square, 2 triangle, 3 cross",
              size=(390.0, 100.0)),
         Node(3, "SkipDiTEmptyLatteLatent", (0, 300),
-             {"width": 32, "height": 32, "length": 8, "batch_size": 1, "space": "pixels (3 ch)"}),
+             {"width": 16, "height": 16, "length": 8, "batch_size": 1, "space": "pixels (3 ch)"}),
         Node(4, "SkipDiTApplySkipCache", (420, 0),
              {"interval": 2, "settings": "auto", "window_unit": "timesteps", "start": 900.0, "end": 50.0, "depth": 1},
              {"model": (1, 0)}),
         Node(5, "KSampler", (800, 0), {"seed": 0, "steps": 50, "cfg": 4.0, **SAMPLER, "denoise": 1.0},
              {"model": (4, 0), "positive": (2, 0), "negative": (2, 1), "latent_image": (3, 0)}),
         Node(6, "SkipDiTDecodeVideo", (1160, 0), {}, {"samples": (5, 0)}),
-        Node(7, "CreateVideo", (1160, 130), {"fps": 8.0}, {"images": (6, 0)}),
+        Node(10, "ImageScale", (1160, 110), {"upscale_method": "nearest-exact", "width": 128, "height": 128, "crop": "disabled"},
+             {"image": (6, 0)}),
+        Node(7, "CreateVideo", (1160, 300), {"fps": 8.0}, {"images": (10, 0)}),
         Node(8, "SaveVideo", (1500, 0), {"filename_prefix": "skipdit/demo-moving-shapes", "format": "auto", "codec": "auto"},
              {"video": (7, 0)}, size=(320.0, 380.0)),
     ]

@@ -228,7 +228,8 @@ def test_demo_workflow_is_the_demo_command():
     seed, control, steps, cfg, sampler, scheduler, denoise = by_type["KSampler"]["widgets_values"]
     assert (steps, cfg, control, denoise) == (defaults["steps"].default, defaults["guidance"].default, "fixed", 1.0)
     assert (sampler, scheduler) == ("ddim", "ddim_uniform") and defaults["sampler"].default == "ddim"
-    assert by_type["SkipDiTEmptyLatteLatent"]["widgets_values"] == [32, 32, 8, 1, "pixels (3 ch)"]
+    assert by_type["SkipDiTEmptyLatteLatent"]["widgets_values"] == [16, 16, 8, 1, "pixels (3 ch)"]
+    assert by_type["ImageScale"]["widgets_values"] == ["nearest-exact", 128, 128, "disabled"]  # 8x, to be seen
     assert by_type["CreateVideo"]["widgets_values"] == [8.0]
     assert set(model_files(wf)) == {demo.DEMO_MODEL.name}  # nothing to download
 
@@ -243,10 +244,10 @@ def base_dir(tmp_path_factory) -> Path:
 
     base = make_base_dir(tmp_path_factory.mktemp("comfy-workflows"))
     if not demo.DEMO_MODEL.exists():
-        # A tiny random stand-in of the demo model's shape (pixel-space class-conditional Latte, 32x32,
+        # A tiny random stand-in of the demo model's shape (pixel-space class-conditional Latte, 16x16,
         # 8 frames, 4 classes, learned sigma, long skips) under its file name; never written into
         # skipdit_core/assets/.
-        write_model(base / "models/skipdit" / demo.DEMO_MODEL.name, "latte", "Latte-tiny", in_channels=3, input_size=32,
+        write_model(base / "models/skipdit" / demo.DEMO_MODEL.name, "latte", "Latte-tiny", in_channels=3, input_size=16,
                     patch_size=4, num_frames=8, num_classes=4, learn_sigma=True, skip=True, depth=8, hidden_size=32, num_heads=2)
     return base
 
@@ -292,7 +293,7 @@ def test_demo_workflow_runs_to_an_8_frame_video(server, base_dir, object_info):
     with av.open(str(mp4)) as f:
         stream = f.streams.video[0]
         frames = list(f.decode(video=0))
-        assert (len(frames), stream.width, stream.height, float(stream.average_rate)) == (8, 32, 32, 8.0), real
+        assert (len(frames), stream.width, stream.height, float(stream.average_rate)) == (8, 128, 128, 8.0), real
 
 
 @needs_comfyui

@@ -69,7 +69,9 @@ def test_main_job_writes_both_videos_and_reports(demo_like_model, tmp_path, caps
     assert "speedup" in out and "PSNR" in out and "cached of 20 steps" in out
     a = read_video(str(tmp_path / "demo-square-seed0-uncached.mp4"))
     b = read_video(str(tmp_path / "demo-square-seed0-cached.mp4"))
-    assert a.shape == b.shape == (8, 16, 16, 3)
+    assert a.shape == b.shape == (8, 128, 128, 3)  # the 16 px model's frames, upscaled 8x for viewing
+    assert main(args + ["--scale", "1"]) == 0
+    assert read_video(str(tmp_path / "demo-square-seed0-cached.mp4")).shape == (8, 16, 16, 3)
 
 
 def test_run_demo_measures_a_cached_run_close_to_the_uncached_one(demo_like_model, tmp_path):

@@ -72,7 +72,7 @@ def _shape_coverage(shape: str, centers: torch.Tensor, half: float, size: int, s
 
     centers: (F, 2) shape centres (x, y) in pixel units (the frame spans [0, size)); half: half the shape's
     extent (its bounding box is 2*half wide). Each pixel is sampled on a supersample x supersample grid and
-    averaged, which anti-aliases the edges so that 32x32 shapes stay recognisable."""
+    averaged, which anti-aliases the edges so that 16x16 and 32x32 shapes stay recognisable."""
     n = size * supersample
     coords = (torch.arange(n, dtype=torch.float32) + 0.5) / supersample  # sub-pixel centres
     dx = coords.view(1, 1, n) - centers[:, 0].view(-1, 1, 1)

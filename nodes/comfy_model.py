@@ -139,11 +139,14 @@ def adapter_class(family: str) -> type:
 
 
 class SkipDiTModel(comfy.model_base.BaseModel):
-    """A ComfyUI BaseModel around our adapter: EPS prediction, DDPM linear schedule; the class-label and
-    T5-text conditioning of the family reach the adapter through `extra_conds`."""
+    """A ComfyUI BaseModel around our adapter: DDPM linear schedule, EPS prediction (V_PREDICTION for a
+    model whose config says prediction "v"); the class-label and T5-text conditioning of the family reach
+    the adapter through `extra_conds`."""
 
     def __init__(self, model_config: SkipDiTModelConfig, diffusion_model: torch.nn.Module, device=None):
-        super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device)
+        v = getattr(diffusion_model.config, "prediction", "eps") == "v"
+        model_type = comfy.model_base.ModelType.V_PREDICTION if v else comfy.model_base.ModelType.EPS
+        super().__init__(model_config, model_type, device=device)
         self.diffusion_model = diffusion_model
         self.family = model_config.family
 

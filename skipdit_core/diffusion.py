@@ -281,7 +281,7 @@ DEFAULT_STEPS = {("dit", "ddpm"): 250, ("latte", "ddpm"): 250, ("latte_t2v", "dd
 def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *, eta: float = 0.0,
                  spacing: Optional[str] = None, steps_offset: Optional[int] = None, version: str = "1.2",
                  beta_end: Optional[float] = None, set_alpha_to_one: bool = True,
-                 clip_denoised: bool = False) -> Sampler:
+                 clip_denoised: bool = False, prediction: Optional[str] = None) -> Sampler:
     """The sampler of `family` ('dit', 'latte', 'latte_t2v', 'hunyuan') named 'ddpm' or 'ddim'.
 
     steps: default 250 for DDPM (Hunyuan-DiT 100), 50 for DDIM. eta: DDIM only.
@@ -292,6 +292,7 @@ def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *
         steps_offset 0 (Latte-1) / 1 (Hunyuan-DiT). DDIM steps from t to t - 1000 // steps (diffusers'
         rule), DDPM to the next listed timestep; set_alpha_to_one=False makes the final a_prev
         alphas_cumprod[0]. hunyuan: beta_end, or version "1.0"/"1.1" (0.03) or "1.2" (0.02).
+    prediction: "eps" or "v" in place of the family's (a model config's `prediction`).
     """
     if name not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {name!r}")
@@ -316,6 +317,8 @@ def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *
         channel_dim = 1
     else:
         raise ValueError(f"unknown family {family!r}: expected 'dit', 'latte', 'latte_t2v' or 'hunyuan'")
+    if prediction is not None:
+        schedule = Schedule(schedule.alphas_cumprod, prediction, schedule.learned_range)
     kwargs = dict(channel_dim=channel_dim, clip_denoised=clip_denoised, final_alpha_cumprod=final)
     if name == "ddim":
         return DDIMSampler(schedule, timesteps, prev, eta=eta, **kwargs)

@@ -121,7 +121,8 @@ def generate(
     # Pixels live in [-1, 1]: clamping x0 keeps the early steps (where x0 = (x - sqrt(1-a) eps) / sqrt(a)
     # amplifies the eps error ~60x) on the data range, as improved-diffusion does for pixel models.
     clip = req.clip_denoised if req.clip_denoised is not None else is_pixel_space(model)
-    sampler = make_sampler(req.family, req.sampler, req.steps, clip_denoised=clip)
+    sampler = make_sampler(req.family, req.sampler, req.steps, clip_denoised=clip,
+                           prediction=getattr(model.config, "prediction", None))
     cond = _to(conditioning(model, req, unconditional=False), device, dtype)
     use_cfg = req.guidance is not None and req.guidance > 1 and bool(cond)
     if use_cfg:

@@ -10,7 +10,7 @@ instrumentation, independent of the pack's own statistics). Prints one JSON obje
 CHECK: "hunyuan" (ComfyUI's own Hunyuan-DiT through our loader and Apply Skip-Cache), "latte_t2v"
 (text conditioning of two lengths: cond and uncond in separate batches), "heun" (a sampler that
 evaluates the model twice per step), "pixel_clamp" (the clamped x0 of pixel-space models against
-skipdit_core's sampler), "bundled" (the models bundled in skipdit_core/assets/ are listed; a stand-in
+skipdit_core's sampler), "v_prediction" (the same for a v-prediction Latte), "bundled" (the models bundled in skipdit_core/assets/ are listed; a stand-in
 folder replaces it), and the others named in run_check.
 """
 from __future__ import annotations
@@ -285,6 +285,8 @@ def run_check(check, nodes, pack, base_dir, loaded):
         result["steps"] = steps
     elif check == "pixel_clamp":
         result.update(pixel_clamp(nodes, pack, loader, apply, base_dir))
+    elif check == "v_prediction":
+        result.update(pixel_clamp(nodes, pack, loader, apply, base_dir, "latte-tiny-pixels-v.safetensors", "v"))
     elif check == "bundled":
         result.update(bundled_models(pack, loader, base_dir))
     else:
@@ -292,11 +294,10 @@ def run_check(check, nodes, pack, base_dir, loaded):
     return result
 
 
-def pixel_clamp(nodes, pack, loader, apply, base_dir) -> dict:
-    """ComfyUI's KSampler (ddim + ddim_uniform, CFG) on a pixel-space Latte against skipdit_core's own
-    DDIM with clip_denoised (the pipeline's sampler for pixel-space models) over the same timesteps from
-    the same noise; the same sampler with the pack's clamp removed; and which models carry the clamp."""
-    import comfy.sample
+def pixel_clamp(nodes, pack, loader, apply, base_dir, name="latte-tiny-pixels-skip.safetensors", prediction="eps") -> dict:
+    """KSampler ddim + ddim_uniform on a pixel-space Latte (with and without the pack's x0 clamp) against
+    skipdit_core's DDIM on the same noise and timesteps, for an eps or a v model."""
+    import comfy.model_sampling
     import comfy.samplers
     import torch
     from skipdit_core.diffusion import DDIMSampler, Schedule, guided, linear_betas
@@ -304,7 +305,6 @@ def pixel_clamp(nodes, pack, loader, apply, base_dir) -> dict:
 
     adapters = sys.modules[pack.__name__ + ".nodes.adapters"]
     clamp = adapters.clamp_denoised
-    name = "latte-tiny-pixels-skip.safetensors"
     model = loader.execute(name, "fp32").args[0]
     post_cfg = lambda m: m.model_options.get("sampler_post_cfg_function", [])  # noqa: E731
     out = {"pixel_has_clamp": post_cfg(model).count(clamp) == 1}
@@ -313,6 +313,8 @@ def pixel_clamp(nodes, pack, loader, apply, base_dir) -> dict:
         n: clamp not in post_cfg(loader.execute(n, "default").args[0])
         for n in ("latte-t2v-tiny-skip.safetensors", "dit-tiny-skip.safetensors")
     }
+    ms = model.get_model_object("model_sampling")
+    out["model_sampling"] = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
     label = nodes.NODE_CLASS_MAPPINGS["SkipDiTClassLabel"].execute(2).args
     latent = {"samples": torch.zeros(1, 3, 4, 8, 8)}
     steps, cfg, seed = 10, 4.0, 7
@@ -322,13 +324,12 @@ def pixel_clamp(nodes, pack, loader, apply, base_dir) -> dict:
     plain.model_options["sampler_post_cfg_function"] = [f for f in post_cfg(plain) if f is not clamp]
     comfy_unclamped = run_sampler(nodes, plain, label[0], label[1], latent, steps, cfg, **kw)
     # The same walk in skipdit_core: the timesteps of ComfyUI's ddim_uniform sigmas, DDIM eta 0.
-    ms = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps)
     timesteps = [int(round(float(t))) for t in ms.timestep(sigmas[:-1])]
     core, _ = load_model(os.path.join(base_dir, "models", "skipdit", name), dtype=torch.float32)
     num_classes = core.config.num_classes
     y = torch.tensor([2, num_classes])  # cond first (Latte's convention), the null label second
-    schedule = Schedule.from_betas(linear_betas(), "eps", learned_range=True)
+    schedule = Schedule.from_betas(linear_betas(), prediction, learned_range=True)
     results = {}
     for clip in (True, False):
         ddim = DDIMSampler(schedule, timesteps, channel_dim=2, clip_denoised=clip)

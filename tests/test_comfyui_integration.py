@@ -43,6 +43,7 @@ def base_dir(tmp_path_factory) -> Path:
     base = make_base_dir(tmp_path_factory.mktemp("comfy-base"))
     own, core = base / "models/skipdit", base / "models/diffusion_models"
     write_model(own / LATTE, "latte", "Latte-tiny", in_channels=3, skip=True)  # pixel space, 4 pairs, 2 long skips
+    write_model(own / "latte-tiny-pixels-v.safetensors", "latte", "Latte-tiny", in_channels=3, skip=True, prediction="v")
     write_model(own / "latte-t2v-tiny-skip.safetensors", "latte_t2v", "Latte-T2V-tiny", skip=True)
     write_model(core / "dit-tiny-skip.safetensors", "dit", "DiT-tiny", skip=True)
     write_model(core / "dit-tiny-vanilla.safetensors", "dit", "DiT-tiny")
@@ -267,7 +268,7 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,hunyuan_layouts,latte_t2v,t5,vae_decode,heun,pixel_clamp,bundled"  # "bundled" changes folders: last
+    checks = "hunyuan,hunyuan_layouts,latte_t2v,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
         [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
@@ -346,6 +347,15 @@ def test_pixel_space_x0_clamped_as_the_pipeline_does(inprocess):
     # Without the clamp ComfyUI matches the unclipped sampler instead, and lands far off the pixel range.
     assert r["unclamped_vs_pipeline_unclamped"] < 1e-4 and r["unclamped_vs_pipeline"] > 1.0
     assert r["comfy_unclamped_max_abs"] > 2.0
+    assert "EPS" in r["model_sampling"] and "V_PREDICTION" not in r["model_sampling"]
+
+
+def test_v_prediction_model_samples_as_the_pipeline_does(inprocess):
+    """A Latte whose config says prediction "v" becomes a V_PREDICTION model: KSampler ddim = core DDIM on v."""
+    r = inprocess["v_prediction"]
+    assert "V_PREDICTION" in r["model_sampling"], r["model_sampling"]
+    assert r["pixel_has_clamp"] and r["clamped_vs_pipeline"] < 1e-4, r
+    assert r["unclamped_vs_pipeline_unclamped"] < 1e-4, r
 
 
 def test_bundled_models_are_listed_by_the_loader(inprocess):

@@ -155,3 +155,42 @@ def test_pixel_space_models_sample_with_x0_clamped_to_the_data_range():
         unclamped = generate(pixel, Request(**{**req.__dict__, "clip_denoised": False})).sample
         assert unclamped.abs().max() > 1.0
         assert generate(latent, req).sample.abs().max() > 1.0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_exact_denoiser_samples_a_training_clip(prediction):
+    """With the exact posterior denoiser of a finite data set, DDIM ends on one of its clips, for an
+    eps and for a v prediction (Latte layout, learned-variance channels, x0 clamped as for pixels)."""
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(6, 2, 3, 4, 4, generator=g) > 0.5).double() * 2 - 1  # (K, F, C, H, W)
+    sampler = make_sampler("latte", "ddim", 25, clip_denoised=True, prediction=prediction)
+    ac = sampler.schedule.alphas_cumprod
+
+    def denoise(x, t):
+        a = ac[int(t[0])]
+        d = ((x.double()[:, None] - a.sqrt() * data[None]) ** 2).flatten(2).sum(-1)
+        x0 = torch.einsum("bk,k...->b...", torch.softmax(-d / (2 * (1 - a)), dim=1), data)
+        eps = (x.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        out = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        return torch.cat([out, torch.zeros_like(out)], dim=2).float()
+
+    out = sampler.sample(denoise, (3, 2, 3, 4, 4), 0)
+    nearest = ((out.double()[:, None] - data[None]) ** 2).flatten(2).mean(-1).min(1).values
+    assert nearest.max() < 1e-6
+
+
+def test_v_prediction_is_read_from_the_model_config(tmp_path):
+    config = make_config("latte", dict(in_channels=3, input_size=8, patch_size=4, num_frames=2, num_classes=2, depth=4,
+                                       hidden_size=32, num_heads=2, prediction="v"))
+    model = randomize(build_model("latte", config), seed=1).eval()
+    save_safetensors(model.state_dict(), tmp_path / "v.safetensors", "latte", config)
+    from skipdit_core.loading import load_model
+
+    loaded, ckpt = load_model(tmp_path / "v.safetensors")
+    assert ckpt.config.prediction == "v" and loaded.config.prediction == "v"
+    req = Request("latte", label=1, frames=2, size=8, sampler="ddim", steps=5, guidance=2.0)
+    as_v = generate(loaded, req).sample
+    loaded.config.prediction = "eps"  # the same weights read as eps give another sample
+    assert not torch.allclose(as_v, generate(loaded, req).sample)
+    with pytest.raises(ValueError, match="prediction must be 'eps' or 'v'"):
+        build_model("latte", make_config("latte", dict(prediction="x0", depth=4)))

@@ -58,6 +58,8 @@ def tiny(raw: dict, out_dir, **train) -> dict:
     config = dict(TINY_MODEL[family], skip=bool(recipe_model.get("skip", False)))
     if family in ("dit", "latte"):
         config["num_classes"] = 4 if recipe_model.get("num_classes", 4) else 0
+    if "prediction" in recipe_model:
+        config["prediction"] = recipe_model["prediction"]
     raw["model"].update(preset=None, config=config)
     raw["data"] = dict(TINY_DATA[family])
     raw["train"].update({"output_dir": str(out_dir), "max_steps": 2, "batch_size": 2, "grad_accum_steps": 1,
@@ -112,6 +114,7 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path):
     model, ckpt = load_model(os.path.join(result["checkpoint"], "ema.safetensors"))
     assert ckpt.family == family
     assert bool(getattr(model, "skip_norms", None)) == bool(raw["model"].get("config", {}).get("skip"))
+    assert getattr(model.config, "prediction", "eps") == raw["model"].get("config", {}).get("prediction", "eps")
 
 
 def test_stage1_changes_only_the_skip_branches_and_stage2_everything(tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from training.objective import DiffusionObjective, discretized_gaussian_log_likelihood, normal_kl
+from training.objective import DiffusionObjective, ddpm_schedule, discretized_gaussian_log_likelihood, normal_kl
 
 
 def _case(shape=(4, 3, 8, 8), channel_dim=1, seed=0):
@@ -67,3 +67,22 @@ def test_t0_term_is_the_decoder_likelihood_of_256_bins():
         logp = discretized_gaussian_log_likelihood(bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale))
         assert abs(logp.exp().sum().item() - 1.0) < 1e-3
     assert normal_kl(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3)).abs().max() == 0
+
+
+def test_v_prediction_target_and_its_variance_term():
+    """prediction v: the target is sqrt(a) eps - sqrt(1 - a) x0; the exact v costs nothing, and the
+    variance term sees the same eps (hence the same bits) as an eps model with the exact eps."""
+    eps_obj, v_obj = DiffusionObjective(), DiffusionObjective(ddpm_schedule("v"))
+    x0, noise = _case()
+    t = torch.tensor([1, 50, 400, 999])
+    x_t = v_obj.q_sample(x0, t, noise)
+    a = v_obj.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    var = torch.rand_like(noise) * 2 - 1
+    terms = v_obj.losses(torch.cat([v, var], dim=1), x0, x_t, t, noise)
+    assert terms["mse"].abs().max() < 1e-10
+    torch.testing.assert_close(terms["vb"], eps_obj.losses(torch.cat([noise, var], dim=1), x0, x_t, t, noise)["vb"],
+                               rtol=1e-4, atol=1e-5)
+    # An eps-shaped answer is wrong for a v model: the loss is the distance to v.
+    wrong = v_obj.losses(noise, x0, x_t, t, noise)["mse"]
+    torch.testing.assert_close(wrong, ((noise - v) ** 2).mean((1, 2, 3)))

@@ -21,9 +21,10 @@ import torch
 from skipdit_core.diffusion import NUM_TRAIN_TIMESTEPS, Schedule, linear_betas
 
 
-def ddpm_schedule() -> Schedule:
-    """The process DiT, Latte and Latte T2V are trained with: linear betas 1e-4 -> 0.02 over 1000 steps."""
-    return Schedule.from_betas(linear_betas(), "eps", learned_range=True)
+def ddpm_schedule(prediction: str = "eps") -> Schedule:
+    """The process DiT, Latte and Latte T2V are trained with: linear betas 1e-4 -> 0.02 over 1000 steps;
+    the released models predict eps, a model of ours may predict v (`prediction` in its config)."""
+    return Schedule.from_betas(linear_betas(), prediction, learned_range=True)
 
 
 def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -59,16 +60,18 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 
 
 class DiffusionObjective:
-    """Noising and the hybrid loss over a `Schedule` (eps prediction).
+    """Noising and the hybrid loss over a `Schedule`: MSE to the schedule's target (eps, or
+    v = sqrt(a) eps - sqrt(1 - a) x0) plus the VLB term of the learned variance.
 
     channel_dim: where the model output's channels are (1 for (B, C, H, W) and (B, C, F, H, W),
-    2 for Latte's (B, F, C, H, W)); with 2C output channels the second half is the variance values v.
+    2 for Latte's (B, F, C, H, W)); with 2C output channels the second half is the variance values.
+    v-prediction weighs an x0 error at timestep t by 1 / (1 - a_t) where eps weighs it by the SNR
+    a_t / (1 - a_t): the noisy steps that place the objects count far more, which a small pixel-space
+    model needs to learn layouts (the released models are eps).
     """
 
     def __init__(self, schedule: Optional[Schedule] = None, channel_dim: int = 1):
         self.schedule = schedule or ddpm_schedule()
-        if self.schedule.prediction != "eps":
-            raise ValueError("the training objective is written for eps prediction")
         self.channel_dim = channel_dim
         ac = self.schedule.alphas_cumprod
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
@@ -99,13 +102,18 @@ class DiffusionObjective:
         model_output = model_output.float()
         co = model_output.shape[self.channel_dim]
         if co == 2 * c:
-            eps, v = model_output.split(c, dim=self.channel_dim)
+            pred, var = model_output.split(c, dim=self.channel_dim)
         elif co == c:
-            eps, v = model_output, None
+            pred, var = model_output, None
         else:
             raise ValueError(f"model output has {co} channels on dim {self.channel_dim}; the data has {c} (expected {c} or {2 * c})")
-        mse = _mean_flat((noise.float() - eps) ** 2)
-        vb = torch.zeros_like(mse) if v is None else self._vb(eps.detach(), v, x0.float(), x_t.float(), t)
+        a, b = _at(self.sqrt_ac, t, x0), _at(self.sqrt_one_minus_ac, t, x0)
+        if self.schedule.prediction == "eps":
+            target, eps = noise.float(), pred
+        else:
+            target, eps = a * noise.float() - b * x0.float(), a * pred + b * x_t.float()
+        mse = _mean_flat((target - pred) ** 2)
+        vb = torch.zeros_like(mse) if var is None else self._vb(eps.detach(), var, x0.float(), x_t.float(), t)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def _vb(self, eps, v, x0, x_t, t) -> torch.Tensor:

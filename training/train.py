@@ -38,7 +38,7 @@ from skipdit_core.loading import DTYPES, inspect_checkpoint, save_safetensors
 
 from .config import TrainConfig, load_config
 from .data import build_dataset
-from .objective import DiffusionObjective
+from .objective import DiffusionObjective, ddpm_schedule
 
 SKIP_PREFIXES = ("skip_norms.", "skip_linears.")
 
@@ -292,7 +292,8 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     ema.to(accelerator.device)
     # The EMA joins accelerate's state in float32 (the exported ema.safetensors may be fp16).
     accelerator.register_for_checkpointing(ema)
-    objective = DiffusionObjective(channel_dim=2 if cfg.model.family == "latte" else 1)
+    objective = DiffusionObjective(ddpm_schedule(getattr(ema.config, "prediction", "eps")),
+                                   channel_dim=2 if cfg.model.family == "latte" else 1)
 
     step, checkpoint = 0, None
     if resume_run:

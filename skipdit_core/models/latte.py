@@ -32,6 +32,7 @@ class LatteConfig:
     learn_sigma: bool = True
     skip: bool = False  # Skip-DiT: depth // 4 long skips between pairs
     class_dropout_prob: float = 0.1
+    prediction: str = "eps"  # what the output predicts: "eps" (every released Latte) or "v"
 
     @property
     def out_channels(self) -> int:
@@ -70,6 +71,8 @@ class Latte(SkipBranchesMixin, nn.Module):
         super().__init__()
         if config.depth % 2:
             raise ValueError(f"Latte needs an even number of blocks (spatial, temporal pairs), got {config.depth}")
+        if config.prediction not in ("eps", "v"):
+            raise ValueError(f"Latte prediction must be 'eps' or 'v', got {config.prediction!r}")
         self.config = c = config
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)

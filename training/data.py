@@ -67,6 +67,11 @@ CLASS_HUES = (0.0, 1 / 3, 0.6, 1 / 6)
 COLOUR_MODES = ("random", "by_class")
 
 
+def class_colour(label: int) -> torch.Tensor:
+    """The RGB colour (3,) in [0, 1] of class `label` under colours="by_class"."""
+    return _hsv_to_rgb(CLASS_HUES[label], 0.85, 1.0)
+
+
 def _shape_coverage(shape: str, centers: torch.Tensor, half: float, size: int, supersample: int = 4) -> torch.Tensor:
     """Fraction of each pixel covered by a filled shape: (F, size, size) in [0, 1].
 
@@ -152,7 +157,7 @@ class MovingShapes(Dataset):
         path = torch.remainder(start - lo + velocity * torch.arange(self.num_frames).view(-1, 1), 2 * span)
         centers = lo + torch.where(path > span, 2 * span - path, path)
         if self.colours == "by_class":
-            colour = _hsv_to_rgb(CLASS_HUES[label], 0.85, 1.0)
+            colour = class_colour(label)
         else:
             colour = _hsv_to_rgb(u[5], 0.6 + 0.4 * u[6], 1.0)  # full value: bright on black
         return {"label": label, "shape": self.classes[label], "colour": colour, "half": half, "centers": centers}

@@ -18,8 +18,7 @@ install-test: install
 	$(PIP) install -e ".[test,train,plots]"
 
 demo: install
-	$(VENV)/bin/skipdit new outputs/skip-latte-tiny.safetensors --family latte --preset Latte-tiny --set skip=true
-	$(VENV)/bin/skipdit info outputs/skip-latte-tiny.safetensors
+	$(VENV)/bin/skipdit demo --out outputs
 
 test: install-test
 	$(PY) -m pytest -q

@@ -126,7 +126,7 @@ def _longest_run(flags: list[bool]) -> Optional[tuple[int, int]]:
     return best
 
 
-def suggest(dyn: FeatureDynamics, threshold: float = 0.95, depth: int = 1) -> Optional[Suggestion]:
+def suggest(dyn: FeatureDynamics, threshold: float = 0.99, depth: int = 1) -> Optional[Suggestion]:
     """The caching window and interval where the reused feature is smooth, or None (no long skips,
     or no step where it is).
 

@@ -289,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     request_args(analyze)
     analyze.set_defaults(sampler="ddim", func=cmd_analyze)
     analyze.add_argument("--twin", help="a vanilla twin checkpoint (no long skips) to draw beside it")
-    analyze.add_argument("--threshold", type=float, default=0.95,
-                         help="similarity the reused deep feature must keep inside the window (default 0.95)")
+    analyze.add_argument("--threshold", type=float, default=0.99,
+                         help="cosine similarity the reused deep feature must keep to the previous step inside the window (default 0.99)")
     analyze.add_argument("--cache-depth", type=int, default=1, help="units recomputed at each end (k)")
     analyze.add_argument("--max-lag", type=int, default=5, help="largest reuse distance tried (interval up to max-lag + 1)")
     analyze.add_argument("-o", "--output", default="outputs/feature-dynamics.png", help="the heatmap PNG")

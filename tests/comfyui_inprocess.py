@@ -364,9 +364,12 @@ def bundled_models(pack, loader_node, base_dir) -> dict:
     own = os.path.join(folder_paths.models_dir, loader.FOLDER)
     out = {"default_paths": paths, "bundled_dir": str(adapters.BUNDLED_MODELS_DIR)}
     out["bundled_registered_after_own"] = paths.index(str(adapters.BUNDLED_MODELS_DIR)) > paths.index(own)
+    real = os.path.join(str(adapters.BUNDLED_MODELS_DIR), "skip-latte-shapes.safetensors")
+    out["real_resolved"] = (not os.path.exists(real)) or loader.checkpoint_path("skip-latte-shapes.safetensors") == real
     stand_in = os.path.join(base_dir, "bundled-stand-in")  # never skipdit_core/assets/ itself
     os.makedirs(stand_in, exist_ok=True)
     shutil.copy(os.path.join(own, "latte-tiny-pixels-skip.safetensors"), os.path.join(stand_in, "skip-latte-shapes.safetensors"))
+    folder_paths.folder_names_and_paths[loader.FOLDER][0].remove(str(adapters.BUNDLED_MODELS_DIR))  # the stand-in in its place
     loader.register_model_folder(bundled=stand_in)
     out["listed"] = "skip-latte-shapes.safetensors" in loader.checkpoint_names()
     schema = loader_node.GET_SCHEMA() if hasattr(loader_node, "GET_SCHEMA") else loader_node.define_schema()

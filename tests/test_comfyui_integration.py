@@ -362,6 +362,7 @@ def test_bundled_models_are_listed_by_the_loader(inprocess):
     r = inprocess["bundled"]
     assert r["bundled_registered_after_own"], r["default_paths"]  # skipdit_core/assets/, after models/skipdit/
     assert r["bundled_dir"].endswith("skipdit_core/assets")
+    assert r["real_resolved"]  # the shipped demo model resolves to skipdit_core/assets/
     # skipdit_core/assets/ swapped for a stand-in folder holding the demo model's file name:
     assert r["listed"] and r["in_node_options"] and r["resolved"] and r["loads"] == "SkipDiTModel"
     assert r["own_folder_wins"]  # a file of the same name in models/skipdit/ comes first

@@ -31,6 +31,7 @@ from skipdit_core.demo import DEMO_MODEL, SHAPE_CLASSES, VANILLA_TWIN  # noqa: E
 from skipdit_core.loading import load_model  # noqa: E402
 from skipdit_core.media import psnr, ssim  # noqa: E402
 from skipdit_core.pipeline import Request, generate, to_frames  # noqa: E402
+from skipdit_core.plots import pyplot, save  # noqa: E402
 
 
 # The peers' settings, mild to aggressive (knobs: benchmarks/peer_caches.py).
@@ -137,10 +138,7 @@ def equal_speedup_check(skip_rows: list[dict], peer: list[dict], axis: str = "sp
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -152,9 +150,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title("Skip-Cache on the Skip-Latte vs caches on its vanilla twin (demo model)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

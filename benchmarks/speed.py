@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from skipdit_core.loading import DTYPES  # noqa: E402
 from skipdit_core.models import build_model, make_config  # noqa: E402
 from skipdit_core.pipeline import Request, generate  # noqa: E402
+from skipdit_core.plots import pyplot, save  # noqa: E402
 from skipdit_core.skip_cache import AUTHORS_SETTINGS, SkipCacheConfig  # noqa: E402
 
 # Per family: the full-size preset and the reduced sample it is timed on.
@@ -70,10 +71,7 @@ def settings(intervals: list[int], windows: list[str], depth: int, grid: bool) -
 
 def plot(rows: list[dict], title: str, path: str) -> None:
     """Measured speedup (bars) and the bound (ticks) per cached setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cached = rows[1:]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cached) + 2), 4))
@@ -85,9 +83,7 @@ def plot(rows: list[dict], title: str, path: str) -> None:
     ax.set_ylabel("speedup over uncached")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

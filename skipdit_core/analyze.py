@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .pipeline import Request, generate
+from .plots import pyplot, save
 from .skip_cache import SkipCacheConfig, SkipCacheStats, simulate
 
 
@@ -167,14 +168,9 @@ def plot_dynamics(panels: Sequence[tuple[str, FeatureDynamics]], path: str,
     log colour scale (the similarities of a trained model sit between 0.95 and 1, where a linear scale
     shows one colour), one panel per model on one scale; the first panel marks the reused unit (dashed)
     and the suggested window (solid lines)."""
-    try:
-        import matplotlib
+    plt = pyplot()
+    from matplotlib.colors import LogNorm
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
-    except ImportError as e:
-        raise RuntimeError("drawing the heatmap needs matplotlib: pip install 'comfyui-skipdit[plots]'") from e
     changes = [(1 - dyn.similarity[0]).clamp_min(1e-7) for _, dyn in panels]
     finite = torch.cat([c[~c.isnan()] for c in changes])
     norm = LogNorm(vmin=max(float(finite.min()), 1e-7), vmax=max(float(finite.max()), 2e-7))
@@ -195,6 +191,4 @@ def plot_dynamics(panels: Sequence[tuple[str, FeatureDynamics]], path: str,
             title += f"\nsuggested Skip-Cache: n={suggestion.interval}, {suggestion.start} -> {suggestion.end}, k={depth}"
         ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax, label="1 - cosine similarity to the previous step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -329,7 +329,7 @@ def cmd_analyze(args) -> int:
         req = _request(args, model, ckpt.family)
         dyn = record_dynamics(model, req, max_lag=args.max_lag, progress=_Progress(os.path.basename(path)))
         panels.append((path, dyn))
-        unit = dyn.cached_unit(args.cache_depth) if dyn.num_skips else dyn.num_units - args.cache_depth - 1
+        unit = dyn.cached_unit(args.cache_depth)  # the reused unit, or its place in a vanilla twin
         print(f"{path}: {dyn.num_units} units, {dyn.num_skips} long skips, {len(dyn.timesteps)} {req.sampler} steps "
               f"({dyn.seconds:.1f} s); unit {unit} vs the previous step: mean cosine {dyn.mean_similarity(unit):.4f}, "
               f"min {float(dyn.similarity[0, unit].nan_to_num(2.0).min()):.4f}")

@@ -42,9 +42,30 @@ def test_fidelity_compares_skip_cache_and_every_peer(tmp_path):
         paths[skip] = tmp_path / f"{skip}.safetensors"
         save_safetensors(randomize(build_model("latte", config), seed=4).state_dict(), paths[skip], "latte", config)
     out = run("fidelity.py", "--model", str(paths[True]), "--twin", str(paths[False]), "--classes", "1",
-              "--seeds", "0", "--steps", "6", "--intervals", "2", "--windows", "1000:0", "--repeats", "1", "--out", str(tmp_path))
+              "--seeds", "0", "--steps", "6", "--intervals", "2", "--windows", "1000:0", "700:50", "--repeats", "1",
+              "--out", str(tmp_path))
     table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     methods = {line.split(" | ")[0][2:] for line in table}
     assert methods == {"Skip-Cache", "First Block Cache", "PAB", "FasterCache", "TaylorSeer"}
     assert "At equal measured speedup" in out and "At equal share of block compute" in out
     assert (tmp_path / "fidelity-vs-speedup.png").stat().st_size > 10_000
+
+
+def test_claim_check_takes_the_best_skip_cache_setting_at_least_as_fast():
+    pytest.importorskip("diffusers", minversion="0.42")
+    from benchmarks.fidelity import equal_speedup_check
+
+    skip = [{"setting": "a", "speedup": 1.2, "compute": 0.8, "psnr": 40.0},
+            {"setting": "b", "speedup": 1.5, "compute": 0.6, "psnr": 30.0},
+            {"setting": "c", "speedup": 1.6, "compute": 0.7, "psnr": 33.0}]
+    peer = [{"method": "P", "setting": "mild", "speedup": 1.1, "compute": 0.9, "psnr": 41.0},
+            {"method": "P", "setting": "mid", "speedup": 1.4, "compute": 0.65, "psnr": 31.0},
+            {"method": "P", "setting": "fast", "speedup": 1.8, "compute": 0.5, "psnr": 20.0}]
+    by_speed = equal_speedup_check(skip, peer, "speedup")
+    assert "Skip-Cache a (1.20x) 40.00 dB -> peer closer" in by_speed[0]  # best of all three, still below 41
+    assert "Skip-Cache c (1.60x) 33.00 dB -> Skip-Cache closer" in by_speed[1]  # a is too slow, c beats b
+    assert "no comparison" in by_speed[2]
+    by_compute = equal_speedup_check(skip, peer, "compute")
+    assert "Skip-Cache a (80% compute)" in by_compute[0]
+    assert "Skip-Cache b (60% compute) 30.00 dB -> peer closer" in by_compute[1]  # c uses more compute
+    assert "no comparison" in by_compute[2]

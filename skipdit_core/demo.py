@@ -92,12 +92,13 @@ def run_demo(
     base, fast = best["uncached"], best["cached"]
     os.makedirs(out_dir, exist_ok=True)
     stem = f"demo-{SHAPE_CLASSES[label]}-seed{seed}"
-    paths = {}
+    paths, frames = {}, {}
     scale = scale or max(1, -(-128 // c.input_size))
     for name, result in best.items():
         paths[name] = os.path.join(out_dir, f"{stem}-{name}.mp4")
-        frames = to_frames("latte", result.sample).clamp(-1, 1)
-        write_video(paths[name], torch.nn.functional.interpolate(frames, scale_factor=scale, mode="nearest"), fps=8)
-    a, b = to_frames("latte", base.sample).clamp(-1, 1), to_frames("latte", fast.sample).clamp(-1, 1)
+        frames[name] = to_frames("latte", result.sample).clamp(-1, 1)
+        write_video(paths[name], torch.nn.functional.interpolate(frames[name], scale_factor=scale, mode="nearest"),
+                    fps=8)
+    a, b = frames["uncached"], frames["cached"]
     return DemoResult(paths["uncached"], paths["cached"], base.seconds, fast.seconds, psnr(a, b), ssim(a, b),
                       fast.stats.summary(), fast.speedup_bound)

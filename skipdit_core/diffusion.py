@@ -387,7 +387,12 @@ def guided(denoise_batch: Denoise, guidance_scale: Optional[float],
             out = drop(out, x)
         first, second = out.chunk(2, dim=0)
         cond, uncond = (first, second) if conv.cond_first else (second, first)
-        n = {None: cond.shape[dim], "eps": x.shape[dim]}.get(conv.guided_channels, conv.guided_channels)
+        if conv.guided_channels is None:
+            n = cond.shape[dim]
+        elif conv.guided_channels == "eps":
+            n = x.shape[dim]  # the eps half of a learned-variance output
+        else:
+            n = conv.guided_channels
         mixed = uncond.narrow(dim, 0, n) + scale * (cond.narrow(dim, 0, n) - uncond.narrow(dim, 0, n))
         if n < cond.shape[dim]:
             mixed = torch.cat([mixed, cond.narrow(dim, n, cond.shape[dim] - n)], dim=dim)

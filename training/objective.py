@@ -107,10 +107,10 @@ class DiffusionObjective:
             pred, var = model_output, None
         else:
             raise ValueError(f"model output has {co} channels on dim {self.channel_dim}; the data has {c} (expected {c} or {2 * c})")
-        a, b = _at(self.sqrt_ac, t, x0), _at(self.sqrt_one_minus_ac, t, x0)
         if self.schedule.prediction == "eps":
             target, eps = noise.float(), pred
         else:
+            a, b = _at(self.sqrt_ac, t, x0), _at(self.sqrt_one_minus_ac, t, x0)
             target, eps = a * noise.float() - b * x0.float(), a * pred + b * x_t.float()
         mse = _mean_flat((target - pred) ** 2)
         vb = torch.zeros_like(mse) if var is None else self._vb(eps.detach(), var, x0.float(), x_t.float(), t)

@@ -80,7 +80,8 @@ class SkipCacheState:
         the cut to run with (None: uncut). Also stored as `current_cut` for block patches."""
         track = self.tracks.get(key)
         if track is None:
-            track = self.tracks[key] = _Track(SkipCacheRun(self.config, self.target.stack, self.target.blocks_per_unit))
+            track = self.tracks[key] = _Track(SkipCacheRun(
+                self.config, self.target.stack, self.target.blocks_per_unit, self.target.family))
         if track.last_sigma is None or sigma != track.last_sigma:
             cut = track.run.begin_step(timestep)
             track.last_sigma = sigma

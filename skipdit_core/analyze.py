@@ -33,6 +33,7 @@ class FeatureDynamics:
     similarity: torch.Tensor
     num_skips: int
     seconds: float
+    family: Optional[str] = None  # the model's, for its window-end rule
 
     @property
     def num_units(self) -> int:
@@ -111,7 +112,8 @@ def record_dynamics(model, req: Request, max_lag: int = 5,
         stack.observers.remove(observe)
     if len(rows) != len(timesteps):  # one model call per step is what the step bookkeeping assumes
         raise RuntimeError(f"recorded {len(rows)} model calls for {len(timesteps)} steps")
-    return FeatureDynamics(timesteps, torch.stack(rows, dim=-1), stack.num_skips, result.seconds)
+    return FeatureDynamics(timesteps, torch.stack(rows, dim=-1), stack.num_skips, result.seconds,
+                           getattr(model, "family", None))
 
 
 def _longest_run(flags: list[bool]) -> Optional[tuple[int, int]]:
@@ -157,7 +159,7 @@ def suggest(dyn: FeatureDynamics, threshold: float = 0.99, depth: int = 1) -> Op
         return None
     start, end = dyn.timesteps[a - 1], dyn.timesteps[b]
     config = SkipCacheConfig(interval=interval, start=start, end=end, depth=depth)
-    stats = simulate(config, dyn.timesteps, dyn.num_units, dyn.num_skips)
+    stats = simulate(config, dyn.timesteps, dyn.num_units, dyn.num_skips, dyn.family)
     return Suggestion(interval, start, end, depth, threshold, window_similarity, stats,
                       stats.speedup_bound(depth, dyn.num_units))
 

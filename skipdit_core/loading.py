@@ -4,7 +4,8 @@
 through `torch.load(weights_only=True)` only: a pickle that needs code execution is refused),
 unwraps training containers (`ema` first, then `model`, `module`, `state_dict`) and `module.`
 prefixes, maps the diffusers Hunyuan-DiT layout onto the Tencent one, detects the family and
-its config from the keys and shapes, and loads the weights strictly.
+its config from the keys and shapes, sets aside the family's named optional keys (e.g. Latte
+T2V's `caption_projection.y_embedding`; `models.Family.optional_keys`) and loads the rest strictly.
 
 Every failure is a `CheckpointError` that names the file and says what is wrong.
 """
@@ -16,7 +17,7 @@ import os
 import pickle
 import struct
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -54,6 +55,7 @@ class Checkpoint:
     config: object
     container: Optional[str] = None  # e.g. "ema" when the weights came from checkpoint["ema"]
     layout: str = "original"  # or "diffusers" (mapped on read)
+    set_aside: dict = field(default_factory=dict)  # the family's optional keys found in the file (unused)
 
     def describe(self) -> dict:
         n_params = sum(t.numel() for t in self.state_dict.values())
@@ -71,6 +73,10 @@ class Checkpoint:
             "parameters": n_params,
             "dtypes": dtypes,
             "config": asdict(cfg),
+            "set_aside": {
+                k: {"shape": list(t.shape), "use": models.FAMILIES[self.family].optional_keys[k][0]}
+                for k, t in self.set_aside.items()
+            },
         }
 
 
@@ -213,14 +219,29 @@ def inspect_checkpoint(
     try:
         if META_CONFIG in metadata and metadata.get(META_FAMILY) == family:
             base = models.FAMILIES[family].config_cls(**json.loads(metadata[META_CONFIG]))
+            config = models.make_config(family, overrides, base=base)
         else:
-            base = models.FAMILIES[family].config_from_state_dict(sd)
-        config = models.make_config(family, overrides, base=base)
+            config = models.config_from_weights(family, sd, overrides)
     except KeyError as e:
         raise CheckpointError(path, f"does not look like a {family} checkpoint: key {e} is missing") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"cannot derive a {family} config: {e}") from None
-    return Checkpoint(path, sd, family, config, container, layout)
+    sd, set_aside = _set_aside_optional(sd, family, config, path)
+    return Checkpoint(path, sd, family, config, container, layout, set_aside)
+
+
+def _set_aside_optional(sd: dict, family: str, config, path: str) -> tuple[dict, dict]:
+    """Split off the family's optional keys (each named, at its expected shape); every other key
+    stays, so the strict load still refuses anything unexpected."""
+    optional = models.FAMILIES[family].optional_keys
+    found = {k: sd[k] for k in optional if k in sd}
+    for key, tensor in found.items():
+        expected = optional[key][1](config)
+        shape = tuple(tensor.shape)
+        if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+            want = "(" + ", ".join("any" if e is None else str(e) for e in expected) + ")"
+            raise CheckpointError(path, f"shape mismatch at {key}: expected {want}, the file has {shape}")
+    return {k: v for k, v in sd.items() if k not in found}, found
 
 
 def load_model(
@@ -297,5 +318,5 @@ def convert_to_safetensors(
     """Write the checkpoint's model weights to `dst` as .safetensors, recording the detected
     family and config in the file's metadata (so loading it needs no detection)."""
     ckpt = inspect_checkpoint(src, **detect)
-    save_safetensors(ckpt.state_dict, dst, ckpt.family, ckpt.config, dtype)
+    save_safetensors({**ckpt.state_dict, **ckpt.set_aside}, dst, ckpt.family, ckpt.config, dtype)
     return ckpt

@@ -11,7 +11,9 @@ and the per-run state, the same for every family (it reproduces the authors' rel
   both halves are one batch, so they share one decision and one cache entry). It counts from
   the first step, not from the window's start.
 - After a step whose timestep is at or below the window's end, the cache is dropped and the
-  counter reset, so every later step is full (the first such step may still be cached).
+  counter reset, so every later step is full (the first such step may still be cached). The
+  boundary is a per-family fact of the authors' code (`STRICT_END_FAMILIES`): their Latte
+  class-to-video code drops the cache only below the end (t < 50), every other family at it.
 - n = 1 never caches: outputs are identical to the uncached model.
 
 Timesteps are the training timesteps 0..1000 the model sees. The window is `start -> end`
@@ -74,6 +76,17 @@ AUTHORS_SETTINGS = {
 }
 
 
+# Families whose authors' code drops the cache only when t < end (their `Latte_skip_cache`); the
+# authors' Latte T2V, DiT and Hunyuan-DiT code drop it when t <= end. Matters where a schedule
+# lands on t = end exactly (e.g. DDPM 100 lands on t = 50: one more cached step for Latte).
+STRICT_END_FAMILIES = frozenset({"latte"})
+
+
+def end_is_inclusive(family: Optional[str]) -> bool:
+    """Whether the cache is dropped after a step at t == end, for a family (None: the common rule)."""
+    return family not in STRICT_END_FAMILIES
+
+
 @dataclass
 class SkipCacheStats:
     full_steps: int = 0
@@ -112,9 +125,10 @@ class SkipCacheRun:
         run.end_step(cut)
     """
 
-    def __init__(self, config: SkipCacheConfig, stack: UStack, blocks_per_unit: int = 1):
+    def __init__(self, config: SkipCacheConfig, stack: UStack, blocks_per_unit: int = 1, family: Optional[str] = None):
         stack.check_depth(config.depth)
         self.config = config
+        self.end_inclusive = end_is_inclusive(family)
         self.stack = stack
         self.blocks_per_unit = blocks_per_unit
         self.cache: Optional[torch.Tensor] = None
@@ -124,7 +138,7 @@ class SkipCacheRun:
 
     @classmethod
     def for_model(cls, config: SkipCacheConfig, model) -> "SkipCacheRun":
-        return cls(config, model.stack, getattr(model, "blocks_per_unit", 1))
+        return cls(config, model.stack, getattr(model, "blocks_per_unit", 1), getattr(model, "family", None))
 
     def begin_step(self, t) -> Optional[StackCut]:
         """Decide the step at timestep t (a number or a (B,) tensor of equal values): returns
@@ -152,16 +166,20 @@ class SkipCacheRun:
         """After the model call: keep a full step's deep state; past the window, drop it."""
         if cut is not None and cut.cached is None:
             self.cache = cut.captured
-        if self._t <= self.config.end:
+        end = self.config.end
+        if self._t < end or (self.end_inclusive and self._t == end):
             self.cache, self.counter = None, 0
 
     def speedup_bound(self) -> float:
         return self.stats.speedup_bound(self.config.depth, self.stack.num_units)
 
 
-def simulate(config: SkipCacheConfig, timesteps: Sequence[float], num_units: int = 28, num_skips: int = 14) -> SkipCacheStats:
+def simulate(
+    config: SkipCacheConfig, timesteps: Sequence[float], num_units: int = 28, num_skips: int = 14,
+    family: Optional[str] = None,
+) -> SkipCacheStats:
     """The full/cached schedule a run over `timesteps` gets, without a model (the same rule)."""
-    run = SkipCacheRun(config, UStack(num_units, num_skips))
+    run = SkipCacheRun(config, UStack(num_units, num_skips), family=family)
     for t in timesteps:
         cut = run.begin_step(t)
         if cut is not None and cut.cached is None:

@@ -11,7 +11,8 @@ CHECK: "hunyuan" (ComfyUI's own Hunyuan-DiT through our loader and Apply Skip-Ca
 (text conditioning of two lengths: cond and uncond in separate batches), "heun" (a sampler that
 evaluates the model twice per step), "pixel_clamp" (the clamped x0 of pixel-space models against
 skipdit_core's sampler), "v_prediction" (the same for a v-prediction Latte), "bundled" (the models bundled in skipdit_core/assets/ are listed; a stand-in
-folder replaces it), and the others named in run_check.
+folder replaces it), "null_caption" (Latte T2V files with and without caption_projection.y_embedding),
+and the others named in run_check.
 """
 from __future__ import annotations
 
@@ -247,6 +248,23 @@ def run_check(check, nodes, pack, base_dir, loaded):
         steps = 6
         runs = compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, 3.0)
         result["shape"] = list(runs["plain"].shape)
+    elif check == "null_caption":
+        # The authors' Latte-skip.pt layout (bare state dict, with diffusers 0.24's y_embedding) and the
+        # same weights without it, through the loader: both strict, same model outputs.
+        from safetensors.torch import load_file
+
+        own = os.path.join(base_dir, "models", "skipdit")
+        sd = load_file(os.path.join(own, "latte-t2v-tiny-skip.safetensors"))
+        torch.save(dict(sd, **{"caption_projection.y_embedding": torch.randn(120, 32)}), os.path.join(own, "Latte-skip-tiny.pt"))
+        torch.save(sd, os.path.join(own, "Latte-skip-tiny-no-y.pt"))
+        positive = [[torch.randn(1, 7, 32), {}]]
+        latent = {"samples": torch.zeros(1, 4, 2, 8, 8)}
+        outs = {}
+        for name in ("Latte-skip-tiny.pt", "Latte-skip-tiny-no-y.pt"):
+            model = loader.execute(name, "fp32").args[0]
+            outs[name] = run_sampler(nodes, model, positive, positive, latent, 3, 1.0)
+        a, b = outs.values()
+        result["same_outputs"] = bool(torch.isfinite(a).all() and torch.equal(a, b))
     elif check == "t5":
         clip = tiny_t5_clip()
         encode = nodes.NODE_CLASS_MAPPINGS["SkipDiTLatteT2VTextEncode"]

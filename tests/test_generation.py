@@ -94,11 +94,45 @@ def test_cli_sample_writes_video_and_reports_cache(pixel_latte, tmp_path, capsys
 
 def test_cli_bench_json(pixel_latte, capsys):
     args = [str(pixel_latte), "--label", "0", "--frames", "3", "--sampler", "ddim", "--steps", "12", "--device", "cpu"]
-    assert cli_main(["bench", *args, "--intervals", "2", "3", "--cache-start", "1000", "--cache-end", "0", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert cli_main(["bench", *args, "--intervals", "2", "3", "--cache-start", "1000", "--cache-end", "0",
+                     "--repeats", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    assert report["repeats"] == 2
     assert [r["setting"].split()[0] for r in rows] == ["uncached", "n=2", "n=3"]
     assert rows[1]["cached"] > 0 and rows[2]["cached"] > rows[1]["cached"]
     assert rows[1]["bound"] > 1 and 0 < rows[1]["psnr"] < float("inf") and rows[1]["ssim"] <= 1
+    for r in rows[1:]:  # a figure above its bound never goes out without saying it is noise
+        assert (r["warning"] is not None) == (r["speedup"] > r["bound"])
+
+
+def test_bench_times_the_fastest_of_alternating_runs_and_flags_speedups_above_the_bound(pixel_latte, monkeypatch, capsys):
+    """The timing rule with a scripted clock: warm-up first, settings alternate, the fastest run
+    of each is kept, and a speedup above the bound is printed with a warning."""
+    import skipdit_core.pipeline as pipeline
+
+    real, order = pipeline.generate, []
+    fake_seconds = {None: [9.0, 4.0], 2: [5.0, 1.0]}  # uncached: slow first round; n=2: too fast in round 2
+
+    def scripted(model, req, cache=None, progress=None):
+        res = real(model, req, cache)
+        key = None if cache is None else cache.interval
+        if req.steps == 2 and cache is None and not order:
+            order.append("warm-up")
+            return res
+        order.append(key)
+        res.seconds = fake_seconds[key].pop(0)
+        return res
+
+    monkeypatch.setattr(pipeline, "generate", scripted)
+    args = [str(pixel_latte), "--label", "0", "--frames", "3", "--sampler", "ddim", "--steps", "8", "--device", "cpu",
+            "--intervals", "2", "--cache-start", "1000", "--cache-end", "0", "--repeats", "2"]
+    assert cli_main(["bench", *args]) == 0
+    assert order == ["warm-up", None, 2, None, 2]
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("n=2"))
+    assert " 4.00x" in row and row.endswith(" *")  # 4.0 s / 1.0 s, above a bound of < 2
+    assert "* n=2 1000->0 k=1: measured 4.00x is above the bound" in out and "timing noise" in out
 
 
 def test_cli_image_png_and_latent_without_vae(tmp_path, capsys):

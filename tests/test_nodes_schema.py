@@ -363,3 +363,18 @@ def test_summary_reports_and_warns():
 def test_depth_is_checked_against_the_model():
     with pytest.raises(ValueError, match=r"k must be in 1\.\.3"):
         _state(depth=4)
+
+
+@pytest.mark.parametrize("family,strict", [("latte", True), ("latte_t2v", False), ("dit", False), ("hunyuan", False)])
+def test_node_state_follows_the_familys_window_end_rule(family, strict):
+    """A sampler step that lands on t = end: Latte class-to-video keeps the cache past it (t < end)."""
+    config = SkipCacheConfig(interval=2, start=1000, end=50)
+    state = SkipCacheState(config, CacheTarget(family, family, UStack(6, 3)))
+    kinds = []
+    for i, t in enumerate([900, 800, 50, 40, 30]):
+        cut = state.begin("batch", sigma=float(10 - i), timestep=float(t))
+        if cut is not None and cut.cached is None:
+            cut.captured = torch.zeros(1)
+        kinds.append("C" if cut is not None and cut.cached is not None else "F")
+        state.end("batch", cut, 0.0)
+    assert "".join(kinds) == ("FCFCF" if strict else "FCFFF")

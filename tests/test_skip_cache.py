@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import randomize
 
+from skipdit_core.diffusion import make_sampler
 from skipdit_core.models import make_config, build_model
 from skipdit_core.models.ustack import UStack
 from skipdit_core.skip_cache import AUTHORS_SETTINGS, SkipCacheConfig, SkipCacheRun, simulate
@@ -206,3 +207,52 @@ def test_depth_out_of_range_and_vanilla_models():
         SkipCacheRun(SkipCacheConfig(), UStack(28, 0))
     with pytest.raises(ValueError, match="percent must be in 0..1"):
         SkipCacheConfig.from_percent(30, 95)
+
+
+def authors_schedule(timesteps, n, start, end, strict_end):
+    """The authors' released loop, replayed: full when the cache is empty, the counter is a multiple
+    of n or t >= start; the counter advances every step; the cache is dropped and the counter reset
+    after a step with t < end (their Latte class-to-video code) or t <= end (Latte T2V, DiT, Hunyuan-DiT)."""
+    cache, counter, out = None, 0, []
+    for t in timesteps:
+        full = cache is None or counter % n == 0 or t >= start
+        out.append("F" if full else "C")
+        if full:
+            cache = t
+        counter += 1
+        if t < end or (not strict_end and t == end):
+            cache, counter = None, 0
+    return "".join(out)
+
+
+# DDPM 100 (improved-diffusion respacing) lands on t = 50 and t = 20, the authors' window ends.
+DDPM100 = make_sampler("latte", "ddpm", 100).timesteps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_window_end_rule_per_family_on_a_schedule_that_lands_on_the_end(family, n):
+    assert 50 in DDPM100 and 20 in DDPM100
+    config = replace(AUTHORS_SETTINGS[family], interval=n)
+    units, skips = (14, 7) if family.startswith("latte") else (28, 14)
+    stats = simulate(config, DDPM100, units, skips, family=family)
+    expected = authors_schedule(DDPM100, n, config.start, config.end, strict_end=family == "latte")
+    assert "".join(stats.schedule) == expected
+
+
+def test_latte_class_to_video_keeps_one_more_cached_step_at_t_equal_end():
+    """Where the two boundaries differ: after the step at t = 50 the authors' class-to-video code
+    keeps the cache (t < 50 is false) and the next step (t = 40) may be cached."""
+    config = replace(AUTHORS_SETTINGS["latte"], interval=2)
+    strict = "".join(simulate(config, DDPM100, 14, 7, family="latte").schedule)
+    inclusive = "".join(simulate(config, DDPM100, 14, 7, family="latte_t2v").schedule)
+    i = DDPM100.index(40)
+    assert strict[:i] == inclusive[:i]
+    assert (strict[i], inclusive[i]) == ("C", "F")
+    assert strict.count("C") == inclusive.count("C") + 1
+
+
+def test_a_models_run_follows_its_familys_end_rule():
+    for family in FAMILIES:
+        run = SkipCacheRun.for_model(replace(AUTHORS_SETTINGS[family], depth=1), tiny(family))
+        assert run.end_inclusive == (family != "latte"), family

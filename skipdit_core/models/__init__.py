@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 from torch import nn
@@ -30,6 +30,8 @@ class Family:
     presets: dict
     config_from_state_dict: Callable[[dict], object]
     description: str
+    # key -> (why the model does not use it, config -> expected shape with None for a free size)
+    optional_keys: dict = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {
@@ -40,7 +42,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "latte_t2v": Family(
         "latte_t2v", LatteT2V, LatteT2VConfig, latte_t2v.LATTE_T2V_PRESETS, latte_t2v.config_from_state_dict,
-        "Latte text-to-video",
+        "Latte text-to-video", latte_t2v.OPTIONAL_KEYS,
     ),
     "hunyuan": Family(
         "hunyuan", HunyuanDiT, HunyuanDiTConfig, hunyuan.HUNYUAN_PRESETS, hunyuan.config_from_state_dict,
@@ -65,9 +67,31 @@ def identify_family(sd: dict) -> Optional[str]:
     return None
 
 
-def make_config(family: str, overrides: Optional[dict] = None, preset: Optional[str] = None, base=None):
-    """A config of `family` from a preset name or a detected config, with field overrides."""
+# Config fields the weights do not determine (the head split), which detection takes from the user.
+HEAD_FIELDS = ("num_heads", "head_dim")
+
+
+def config_from_weights(family: str, sd: dict, overrides: Optional[dict] = None):
+    """The config of a state dict: its shapes, with `overrides` applied. The head split is not in
+    the weights: given num_heads / head_dim are used for it (and checked against the width) before
+    any default is inferred, so a width no default fits loads once the user gives them."""
     fam = FAMILIES[family]
+    known = {f.name for f in fields(fam.config_cls)}
+    hints = {k: v for k, v in (overrides or {}).items() if k in HEAD_FIELDS and k in known}
+    return make_config(family, overrides, base=fam.config_from_state_dict(sd, **hints))
+
+
+def make_config(family: str, overrides: Optional[dict] = None, preset: Optional[str] = None, base=None):
+    """A config of `family` from a preset name or a detected config, with field overrides.
+
+    Over a detected config (base), a (num_heads, head_dim) split keeps the width: given one half,
+    the other follows; given both, they must multiply to it (Latte T2V's width is their product)."""
+    fam = FAMILIES[family]
+    known = {f.name for f in fields(fam.config_cls)}
+    overrides = dict(overrides or {})
+    if base is not None and "head_dim" in known and any(k in overrides for k in HEAD_FIELDS):
+        overrides["num_heads"], overrides["head_dim"] = latte_t2v.head_split(
+            base.hidden_size, overrides.get("num_heads"), overrides.get("head_dim"))
     values = {}
     if base is not None:
         values.update({f.name: getattr(base, f.name) for f in fields(base)})
@@ -75,7 +99,6 @@ def make_config(family: str, overrides: Optional[dict] = None, preset: Optional[
         if preset not in fam.presets:
             raise ValueError(f"unknown {family} preset {preset!r}; known: {', '.join(fam.presets)}")
         values.update(fam.presets[preset])
-    known = {f.name for f in fields(fam.config_cls)}
     for key in overrides or {}:
         if key not in known:
             raise ValueError(f"{fam.config_cls.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
@@ -88,6 +111,6 @@ def build_model(family: str, config) -> nn.Module:
 
 
 __all__ = [
-    "FAMILIES", "Family", "identify_family", "make_config", "build_model", "StackCut", "UStack",
+    "FAMILIES", "Family", "HEAD_FIELDS", "identify_family", "config_from_weights", "make_config", "build_model", "StackCut", "UStack",
     "DiT", "DiTConfig", "Latte", "LatteConfig", "LatteT2V", "LatteT2VConfig", "HunyuanDiT", "HunyuanDiTConfig",
 ]

@@ -98,8 +98,24 @@ def count_indexed(sd: dict, prefix: str, suffix: str) -> int:
     return n
 
 
-def dit_core_fields(sd: dict) -> dict:
-    """Config fields shared by DiT and class-conditional Latte, read from keys and shapes."""
+def pick_num_heads(hidden: int, num_heads: Optional[int], key: str) -> int:
+    """The head count of a width: the user's (checked against the width), else the published
+    widths' count, else one head per 64 channels (DiT's head size); `key` is the tensor the width
+    was read from. Any other width is refused rather than guessed: a wrong split loads without
+    complaint and gives other outputs."""
+    if num_heads is None:
+        num_heads = _HEADS_BY_WIDTH.get(hidden, hidden // 64 if hidden % 64 == 0 else None)
+        if num_heads is None:
+            raise ValueError(f"width {hidden} ({key}) is not a multiple of 64: the head count is not in the weights, "
+                             "give it (num_heads, e.g. --set num_heads=N)")
+    elif not isinstance(num_heads, int) or num_heads < 1 or hidden % num_heads:
+        raise ValueError(f"num_heads={num_heads!r} does not divide the width {hidden} ({key})")
+    return num_heads
+
+
+def dit_core_fields(sd: dict, num_heads: Optional[int] = None) -> dict:
+    """Config fields shared by DiT and class-conditional Latte, read from keys and shapes
+    (num_heads, not in the weights: the caller's, else `pick_num_heads`)."""
     proj = sd["x_embedder.proj.weight"]  # (D, C_in, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
@@ -111,7 +127,7 @@ def dit_core_fields(sd: dict) -> dict:
         in_channels=in_channels,
         hidden_size=hidden,
         depth=count_indexed(sd, "blocks.", ".attn.qkv.weight"),
-        num_heads=_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
+        num_heads=pick_num_heads(hidden, num_heads, "x_embedder.proj.weight"),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         learn_sigma=out_channels == 2 * in_channels,
         skip="skip_norms.0.weight" in sd,
@@ -123,6 +139,6 @@ def dit_core_fields(sd: dict) -> dict:
     return fields
 
 
-def config_from_state_dict(sd: dict) -> DiTConfig:
+def config_from_state_dict(sd: dict, num_heads: Optional[int] = None) -> DiTConfig:
     """Detect a DiT config (depth, width, heads, patch, channels, learn_sigma, classes, skips)."""
-    return DiTConfig(**dit_core_fields(sd))
+    return DiTConfig(**dit_core_fields(sd, num_heads))

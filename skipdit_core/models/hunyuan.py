@@ -429,14 +429,21 @@ class HunyuanDiT(nn.Module):
 # --------------------------------------------------------------------------- state dicts
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor]) -> HunyuanDiTConfig:
+def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: Optional[int] = None) -> HunyuanDiTConfig:
     """Infer the configuration of a Tencent-layout state dict from its keys and shapes.
 
-    `input_size` cannot be inferred (the model has no position table) and keeps its default.
+    `input_size` cannot be inferred (the model has no position table) and keeps its default. The
+    head count is fixed by the weights (the q norm's width is the head dim); a `num_heads` that
+    contradicts them is an error.
     """
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     head_dim = sd["blocks.0.attn1.q_norm.weight"].shape[0]
+    if num_heads is not None and num_heads * head_dim != hidden:
+        raise ValueError(
+            f"num_heads={num_heads} contradicts the weights: blocks.0.attn1.q_norm.weight gives head dim {head_dim}, "
+            f"so width {hidden} has {hidden // head_dim} heads"
+        )
     mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
     mlp_ratio = mlp_hidden / hidden
     if int(hidden * mlp_ratio) != mlp_hidden:  # guard against float round-down

@@ -135,9 +135,9 @@ class Latte(SkipBranchesMixin, nn.Module):
         return sincos_1d(self.config.hidden_size, torch.arange(frames))[None].to(self.temp_embed.device)
 
 
-def config_from_state_dict(sd: dict) -> LatteConfig:
+def config_from_state_dict(sd: dict, num_heads: Optional[int] = None) -> LatteConfig:
     """Detect a class-conditional / unconditional Latte config from keys and shapes."""
-    fields = dit_core_fields(sd)
+    fields = dit_core_fields(sd, num_heads)
     fields.setdefault("num_classes", 0)
     fields["num_frames"] = sd["temp_embed"].shape[1]
     return LatteConfig(**fields)

@@ -61,6 +61,22 @@ class LatteT2VConfig:
         return max(self.sample_size // 64, 1)
 
 
+# Keys a released file may carry that this model does not use: key -> (why, expected shape with
+# None for a free size). The loader sets them aside (strictly: only these names, at these shapes),
+# `skipdit info` reports them, `skipdit convert` keeps them.
+# y_embedding: the authors trained Latte T2V and Latte-skip with diffusers 0.24's CaptionProjection,
+# whose buffer y_embedding (120 x caption channels) is the learned null caption that replaces a dropped
+# caption in training. Sampling never reads it: the unconditional half of guidance is the T5
+# encoding of the negative prompt (the authors' pipeline encodes ""), and later diffusers layouts
+# (PixArtAlphaTextProjection) dropped the buffer.
+OPTIONAL_KEYS = {
+    "caption_projection.y_embedding": (
+        "the learned null caption of training's caption dropout (diffusers 0.24 CaptionProjection); "
+        "unused at inference",
+        lambda c: (None, c.caption_channels),
+    ),
+}
+
 LATTE_T2V_PRESETS = {
     "Latte-1": dict(num_layers=28, num_heads=16, head_dim=72, patch_size=2, sample_size=64),
     "Latte-1-skip": dict(num_layers=28, num_heads=16, head_dim=72, patch_size=2, sample_size=64, skip=True),
@@ -330,9 +346,38 @@ def _num_indexed(sd: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def head_split(hidden: int, num_heads: Optional[int] = None, head_dim: Optional[int] = None) -> tuple[int, int]:
+    """(num_heads, head_dim) of a width: what the user gave (one, or both, checked against the width),
+    else head_dim 72 when the width is a multiple of 72 (every released Latte), else 64."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{what} does not fit the width {hidden} (pos_embed.proj.weight): "
+                          "num_heads x head_dim must equal it")
+
+    for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if num_heads is not None and head_dim is not None:
+        if num_heads * head_dim != hidden:
+            raise bad(f"num_heads={num_heads} x head_dim={head_dim} = {num_heads * head_dim}")
+        return num_heads, head_dim
+    if num_heads is not None:
+        if hidden % num_heads:
+            raise bad(f"num_heads={num_heads}")
+        return num_heads, hidden // num_heads
+    if head_dim is None:
+        head_dim = 72 if hidden % 72 == 0 else 64
+        if hidden % head_dim:
+            raise ValueError(f"width {hidden} (pos_embed.proj.weight) is a multiple of neither 72 nor 64: the head split "
+                             "is not in the weights, give it (head_dim or num_heads, e.g. --set num_heads=N)")
+    elif hidden % head_dim:
+        raise bad(f"head_dim={head_dim}")
+    return hidden // head_dim, head_dim
+
+
 def config_from_state_dict(
     sd: dict[str, torch.Tensor],
     *,
+    num_heads: Optional[int] = None,
     head_dim: Optional[int] = None,
     sample_size: int = 64,
     video_length: int = 16,
@@ -341,16 +386,13 @@ def config_from_state_dict(
 
     Read from the weights: num_layers, width, patch, in/out channels, caption channels,
     mlp ratio, skip (presence of `skip_norms.0.weight`). Not in the weights, so taken from the
-    arguments: the head split (head_dim 72 when the width is a multiple of 72, as in every
-    released Latte; else 64; pass head_dim to override), sample_size and video_length (their
-    sin-cos tables are not stored; Latte-1 uses 64 and 16).
+    arguments: the head split (`head_split`: num_heads and / or head_dim if given, else head_dim
+    72 or 64), sample_size and video_length (their sin-cos tables are not stored; Latte-1 uses
+    64 and 16).
     """
     proj = sd["pos_embed.proj.weight"]  # (D, C_in, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    if head_dim is None:
-        head_dim = 72 if hidden % 72 == 0 else 64
-    if hidden % head_dim:
-        raise ValueError(f"width {hidden} is not a multiple of head_dim {head_dim}; pass head_dim")
+    num_heads, head_dim = head_split(hidden, num_heads, head_dim)
     num_layers = _num_indexed(sd, r"transformer_blocks\.(\d+)\.scale_shift_table")
     if _num_indexed(sd, r"temporal_transformer_blocks\.(\d+)\.scale_shift_table") != num_layers:
         raise ValueError("spatial and temporal block counts differ")
@@ -359,7 +401,7 @@ def config_from_state_dict(
         raise ValueError(f"expected {num_layers // 2} skip branches for {num_layers} block pairs")
     return LatteT2VConfig(
         num_layers=num_layers,
-        num_heads=hidden // head_dim,
+        num_heads=num_heads,
         head_dim=head_dim,
         patch_size=patch,
         in_channels=in_channels,

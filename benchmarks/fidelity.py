@@ -2,6 +2,7 @@
 vanilla twin, same seeds and classes, each cached video compared with its own model's uncached video.
 
     python benchmarks/fidelity.py --grid               # writes docs/benchmarks/*.png and prints the tables
+    python benchmarks/fidelity.py --pair deep --grid --forecasts 0 1 2 --skip-peers taylorseer   # the 14-unit twins
     python benchmarks/fidelity.py --classes 0 1 --seeds 0 --steps 20   # a quick look
 
 Per setting: PSNR and SSIM (frames in [-1, 1]) of the cached video against the uncached one of the same
@@ -32,6 +33,12 @@ from peer_caches import METHODS, peer_cache  # noqa: E402
 from speed import WINDOWS, settings  # noqa: E402
 
 from skipdit_core.demo import DEMO_MODEL, SHAPE_CLASSES, VANILLA_TWIN  # noqa: E402
+
+MODELS = os.path.join(HERE, "models")
+PAIRS = {  # (skip model, vanilla twin)
+    "demo": (str(DEMO_MODEL), str(VANILLA_TWIN)),
+    "deep": (os.path.join(MODELS, "deep-skip-latte.safetensors"), os.path.join(MODELS, "deep-latte-vanilla.safetensors")),
+}
 from skipdit_core.loading import load_model  # noqa: E402
 from skipdit_core.media import psnr, ssim  # noqa: E402
 from skipdit_core.pipeline import Request, generate, to_frames  # noqa: E402
@@ -86,9 +93,13 @@ class Trajectories:
         return {k: mean(k) for k in ("psnr", "ssim", "speedup", "lpips")}
 
 
-def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool) -> list[dict]:
+def skip_cache_method(forecast: int) -> str:
+    return "Skip-Cache" if forecast == 0 else f"Skip-Cache + forecast {forecast}"
+
+
+def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecasts=(0,)) -> list[dict]:
     rows = []
-    for cache in settings(intervals, windows, 1, grid)[1:]:
+    for cache in settings(intervals, windows, 1, grid, tuple(forecasts))[1:]:
         stats = {}
 
         def run(req, cache=cache):
@@ -97,15 +108,17 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool) -> list[
             return result
 
         window = f"{cache.start:g}->{cache.end:g}"
-        rows.append({"method": "Skip-Cache", "setting": f"n={cache.interval} {window}", "interval": cache.interval,
-                     "window": window, **traj.compare(run), "compute": stats["compute"]})
+        rows.append({"method": skip_cache_method(cache.forecast), "setting": f"n={cache.interval} {window}",
+                     "interval": cache.interval, "window": window, "forecast": cache.forecast, **traj.compare(run),
+                     "compute": stats["compute"]})
     return rows
 
 
-def peer_rows(traj: Trajectories, methods: list[str]) -> list[dict]:
+def peer_rows(traj: Trajectories, methods: list[str], suffix: str = "") -> list[dict]:
     rows = []
     for method in methods:
         label, sweep = PEERS[method]
+        label += suffix
         for params in sweep:
             stats = {}
 
@@ -141,35 +154,50 @@ def equal_speedup_check(skip_rows: list[dict], peer: list[dict], axis: str = "sp
     return lines
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, x_axis: str = "speedup", title: str = "demo model") -> None:
     """Skip-Cache as one line per window through n = 2..6 (one point per window without --grid), each peer
     as a line through its settings, mild to aggressive."""
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    windows = list(dict.fromkeys(r["window"] for r in rows if r["method"] == "Skip-Cache"))
-    for i, window in enumerate(windows):
-        pts = [r for r in rows if r["method"] == "Skip-Cache" and r["window"] == window]
-        ns = f"n={pts[0]['interval']}" + (f"..{pts[-1]['interval']}" if len(pts) > 1 else "")
-        ax.plot([r["speedup"] for r in pts], [r["psnr"] for r in pts], marker="*", markersize=10, linewidth=1.5,
-                color=plt.cm.autumn(0.85 * i / max(1, len(windows) - 1)), label=f"Skip-Cache {window}, {ns}")
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    ours = [r for r in rows if r["method"].startswith("Skip-Cache")]
+    windows = list(dict.fromkeys(r["window"] for r in ours))
+    for forecast, style in zip(sorted({r.get("forecast", 0) for r in ours}), ("-", "--", ":")):
+        for i, window in enumerate(windows):
+            pts = [r for r in ours if r["window"] == window and r.get("forecast", 0) == forecast]
+            if not pts:
+                continue
+            ns = f"n={pts[0]['interval']}" + (f"..{pts[-1]['interval']}" if len(pts) > 1 else "")
+            ax.plot([r[x_axis] for r in pts], [r["psnr"] for r in pts], marker="*", markersize=9, linewidth=1.5,
+                    linestyle=style, color=plt.cm.autumn(0.85 * i / max(1, len(windows) - 1)),
+                    label=f"{pts[0]['method']} {window}, {ns}")
     # Peers in colours and markers apart from Skip-Cache's red-to-yellow.
-    peers = dict.fromkeys(r["method"] for r in rows if r["method"] != "Skip-Cache")
-    for method, color, marker in zip(peers, ("C0", "C2", "C4", "C9", "C7"), "os^Dv"):
+    peers = dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("Skip-Cache"))
+    for method, color, marker in zip(peers, ("C0", "C2", "C4", "C9", "C7", "C8", "C5"), "os^Dvph"):
         pts = [r for r in rows if r["method"] == method]
-        ax.plot([r["speedup"] for r in pts], [r["psnr"] for r in pts], color=color, marker=marker, label=method)
-    ax.set_xlabel("measured speedup (uncached seconds / cached seconds)")
+        ax.plot([r[x_axis] for r in pts], [r["psnr"] for r in pts], color=color, marker=marker, label=method)
+    if x_axis == "compute":
+        ax.invert_xaxis()  # less compute to the right, like more speed
+        ax.set_xlabel("share of block compute (machine-independent; less is faster)")
+    else:
+        ax.set_xlabel("measured speedup (uncached seconds / cached seconds)")
     ax.set_ylabel("PSNR to its own uncached output (dB)")
-    ax.set_title("Skip-Cache on the Skip-Latte vs caches on its vanilla twin (demo model)", fontsize=10)
+    ax.set_title(f"Skip-Cache on the Skip-Latte vs caches on its vanilla twin ({title})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     save(fig, path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEMO_MODEL))
-    p.add_argument("--twin", default=str(VANILLA_TWIN))
+    p.add_argument("--pair", choices=list(PAIRS), default="demo",
+                   help="demo: the bundled 6-unit pair; deep: the 14-unit pair of benchmarks/models/ (Latte-XL/2's depth)")
+    p.add_argument("--model", help="a Skip-Latte (default: the pair's)")
+    p.add_argument("--twin", help="its vanilla twin (default: the pair's)")
+    p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
+                   help="Skip-Cache forecast orders of the cut state (0: the paper's reuse)")
+    p.add_argument("--skip-peers", nargs="*", default=[], choices=list(METHODS),
+                   help="peer methods to run on the skip model too (e.g. taylorseer: forecasting without the skips' cut)")
     p.add_argument("--classes", type=int, nargs="+", default=list(range(len(SHAPE_CLASSES))))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -186,38 +214,49 @@ def main() -> None:
 
     torch.manual_seed(0)
     lpips_fn = lpips_metric()
-    skip, _ = load_model(args.model)
-    twin, _ = load_model(args.twin)
+    model_path, twin_path = args.model or PAIRS[args.pair][0], args.twin or PAIRS[args.pair][1]
+    skip, _ = load_model(model_path)
+    twin, _ = load_model(twin_path)
     c = skip.config
     requests = [Request("latte", label=k, frames=c.num_frames, size=c.input_size, sampler="ddim", steps=args.steps,
                         guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
     with torch.no_grad():
-        skip_rows = skip_cache_rows(Trajectories(skip, requests, lpips_fn, args.repeats), args.intervals, args.windows,
-                                    args.grid)
+        skip_traj = Trajectories(skip, requests, lpips_fn, args.repeats)
+        skip_rows = skip_cache_rows(skip_traj, args.intervals, args.windows, args.grid, args.forecasts)
         peers = peer_rows(Trajectories(twin, requests, lpips_fn, args.repeats), args.methods)
-    rows = skip_rows + peers
+        on_skip = peer_rows(skip_traj, args.skip_peers, " (skip model)")
+    rows = skip_rows + peers + on_skip
     os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "fidelity-vs-speedup.png")
-    plot(rows, png)
+    suffix = "" if args.pair == "demo" else f"-{args.pair}"
+    png = os.path.join(args.out, f"fidelity-vs-speedup{suffix}.png")
+    png_compute = os.path.join(args.out, f"fidelity-vs-compute{suffix}.png")
+    title = f"{args.pair} pair, {skip.stack.num_units} units"
+    plot(rows, png, "speedup", title)
+    plot(rows, png_compute, "compute", title)
     if args.json:
         print(json.dumps(rows, indent=2))
-    print(f"{len(requests)} trajectories ({len(args.classes)} classes x {len(args.seeds)} seeds), DDIM {args.steps}, "
-          f"guidance {args.guidance}; LPIPS {'alex' if lpips_fn else 'n/a (lpips cannot load here)'}")
+    print(f"{model_path} vs {twin_path}: {skip.stack.num_units} units; {len(requests)} trajectories "
+          f"({len(args.classes)} classes x {len(args.seeds)} seeds), DDIM {args.steps}, guidance {args.guidance}; "
+          f"SSIM: Gaussian 11x11 (= torchmetrics); LPIPS {'alex' if lpips_fn else 'n/a (lpips cannot load here)'}")
     print("| method | setting | block compute | speedup | PSNR dB | SSIM | LPIPS |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         lp = "n/a" if math.isnan(r["lpips"]) else f"{r['lpips']:.4f}"
         print(f"| {r['method']} | {r['setting']} | {r['compute']:.0%} | {r['speedup']:.2f}x | {r['psnr']:.2f} | "
               f"{r['ssim']:.4f} | {lp} |")
-    for axis, what in (("speedup", "measured speedup"), ("compute", "share of block compute (the machine-independent axis)")):
-        print(f"\nAt equal {what} (the paper's claim in miniature):")
-        lines = equal_speedup_check(skip_rows, peers, axis)
-        for line in lines:
-            print("  " + line)
-        closer = sum("Skip-Cache closer" in line for line in lines)
-        compared = sum("no comparison" not in line for line in lines)
-        print(f"  -> Skip-Cache closer in {closer} of {compared} comparable peer settings")
-    print(f"\nplot: {os.path.relpath(png)}")
+    families = [("Skip-Cache, reuse (the paper)", [r for r in skip_rows if r["forecast"] == 0])]
+    if any(r["forecast"] for r in skip_rows):
+        families.append(("Skip-Cache, any forecast order", skip_rows))
+    for axis, what in (("compute", "share of block compute (the machine-independent axis)"), ("speedup", "measured speedup")):
+        for name, ours in families:
+            print(f"\nAt equal {what}, {name} against the peers on the twin:")
+            lines = equal_speedup_check(ours, peers + on_skip, axis)
+            for line in lines:
+                print("  " + line)
+            closer = sum("Skip-Cache closer" in line for line in lines)
+            compared = sum("no comparison" not in line for line in lines)
+            print(f"  -> Skip-Cache closer in {closer} of {compared} comparable peer settings")
+    print(f"\nplots: {os.path.relpath(png)}, {os.path.relpath(png_compute)}")
 
 
 if __name__ == "__main__":

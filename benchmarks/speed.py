@@ -59,14 +59,16 @@ def request(family: str, model, frames: int, size: int, steps: int) -> Request:
                    sampler="ddim", steps=steps, guidance=4.0, seed=0)
 
 
-def settings(intervals: list[int], windows: list[str], depth: int, grid: bool) -> list[SkipCacheConfig | None]:
-    def config(n, window):
+def settings(intervals: list[int], windows: list[str], depth: int, grid: bool,
+             forecasts: tuple[int, ...] = (0,)) -> list[SkipCacheConfig | None]:
+    """None (uncached), then each (n, window) of the sweep once per forecast order."""
+    def configs(n, window):
         start, end = (float(v) for v in window.split(":"))
-        return SkipCacheConfig(interval=n, start=start, end=end, depth=depth)
+        return [SkipCacheConfig(interval=n, start=start, end=end, depth=depth, forecast=f) for f in forecasts]
 
-    out = [None] + [config(n, windows[0]) for n in intervals]
+    out = [None] + [c for n in intervals for c in configs(n, windows[0])]
     for window in windows[1:]:
-        out += [config(n, window) for n in (intervals if grid else intervals[:1])]
+        out += [c for n in (intervals if grid else intervals[:1]) for c in configs(n, window)]
     return out
 
 
@@ -79,7 +81,8 @@ def plot(rows: list[dict], title: str, path: str) -> None:
     x = range(len(cached))
     ax.bar(x, [r["speedup"] for r in cached], color="tab:blue", label="measured")
     ax.scatter(x, [r["bound"] for r in cached], marker="_", s=400, color="black", label="bound", zorder=3)
-    ax.set_xticks(list(x), [f"n={r['interval']}\n{r['window']}" for r in cached], fontsize=7)
+    ax.set_xticks(list(x), [f"n={r['interval']}\n{r['window']}" + (f"\nf{r['forecast']}" if r.get("forecast") else "")
+                            for r in cached], fontsize=7)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_ylabel("speedup over uncached")
     ax.set_title(title, fontsize=8)
@@ -98,6 +101,8 @@ def main() -> None:
     p.add_argument("--windows", nargs="+", default=WINDOWS, help="start:end timesteps; the first is the n sweep's")
     p.add_argument("--depth", type=int, help="k (default: the authors' for the family)")
     p.add_argument("--grid", action="store_true", help="every interval in every window")
+    p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
+                   help="forecast orders of the cut state to time per setting (0: the paper's reuse)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -118,10 +123,11 @@ def main() -> None:
         return min((generate(model, req, cache) for _ in range(args.repeats)), key=lambda r: r.seconds)
 
     rows = []
-    for cache in settings(args.intervals, args.windows, depth, args.grid):
+    for cache in settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts)):
         result = fastest(cache)
         rows.append({
             "interval": cache.interval if cache else 1,
+            "forecast": cache.forecast if cache else 0,
             "window": f"{cache.start:g}->{cache.end:g}" if cache else "-",
             "full": result.stats.full_steps if cache else args.steps,
             "cached": result.stats.cached_steps if cache else 0,
@@ -142,9 +148,10 @@ def main() -> None:
         print(json.dumps({"title": title, "args": vars(args), "rows": rows}, indent=2))
         return
     print(title)
-    print(f"{'n':>3} {'window':>9} {'full':>5} {'cached':>6} {'seconds':>8} {'speedup':>8} {'bound':>6} {'of bound':>9}")
+    print(f"{'n':>3} {'window':>9} {'forecast':>8} {'full':>5} {'cached':>6} {'seconds':>8} {'speedup':>8} {'bound':>6} "
+          f"{'of bound':>9}")
     for r in rows:
-        print(f"{r['interval']:>3} {r['window']:>9} {r['full']:>5} {r['cached']:>6} {r['seconds']:>8.2f} "
+        print(f"{r['interval']:>3} {r['window']:>9} {r['forecast']:>8} {r['full']:>5} {r['cached']:>6} {r['seconds']:>8.2f} "
               f"{r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['of_bound']:>8.1%}")
 
 

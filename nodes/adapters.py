@@ -213,28 +213,29 @@ WINDOW_UNITS = ("timesteps", "percent")
 
 
 def cache_config(
-    family: str, interval: int, settings: str, unit: str, start: float, end: float, depth: int, num_skips: Optional[int] = None
+    family: str, interval: int, settings: str, unit: str, start: float, end: float, depth: int,
+    num_skips: Optional[int] = None, forecast: int = 0,
 ) -> SkipCacheConfig:
     """The SkipCacheConfig of the Apply Skip-Cache node's inputs.
 
     settings "auto": the authors' window and depth for the family (n from the input), the depth capped at
     the model's `num_skips` (DiT's k=4 is for DiT-XL's 14 skips); "custom": start / end in training
     timesteps 0..1000 (unit "timesteps") or in percent of sampling progress 0..100 (unit "percent",
-    0 % = t 1000), and the depth k."""
+    0 % = t 1000), and the depth k. forecast (0, 1, 2) applies to both."""
     if settings == "auto":
         base = AUTHORS_SETTINGS[family]
         k = base.depth if not num_skips else min(base.depth, num_skips)
-        return SkipCacheConfig(interval=int(interval), start=base.start, end=base.end, depth=k)
+        return SkipCacheConfig(interval=int(interval), start=base.start, end=base.end, depth=k, forecast=int(forecast))
     if settings != "custom":
         raise ValueError(f"settings must be 'auto' or 'custom', got {settings!r}")
     if unit == "percent":
         for name, value in (("start", start), ("end", end)):
             if not 0 <= value <= 100:
                 raise ValueError(f"Skip-Cache {name} in percent must be in 0..100, got {value}")
-        return SkipCacheConfig.from_percent(start / 100.0, end / 100.0, int(interval), int(depth))
+        return SkipCacheConfig.from_percent(start / 100.0, end / 100.0, int(interval), int(depth), int(forecast))
     if unit != "timesteps":
         raise ValueError(f"window unit must be one of {WINDOW_UNITS}, got {unit!r}")
-    return SkipCacheConfig(interval=int(interval), start=float(start), end=float(end), depth=int(depth))
+    return SkipCacheConfig(interval=int(interval), start=float(start), end=float(end), depth=int(depth), forecast=int(forecast))
 
 
 # ----------------------------------------------------------------------------- frames

@@ -100,8 +100,8 @@ class SkipCacheState:
         """Another evaluation of the step just decided: the same decision, on the current cache."""
         if self.config.interval == 1:
             return None
-        if track.last_cached and track.run.cache is not None:
-            return StackCut(self.config.depth, cached=track.run.cache)
+        if track.last_cached and track.run.current is not None:
+            return StackCut(self.config.depth, cached=track.run.current)  # the step's own (forecast) state
         return StackCut(self.config.depth)  # full: captures, refreshing the cache
 
     def end(self, key: Hashable, cut: Optional[StackCut], seconds: float) -> None:
@@ -143,7 +143,8 @@ class SkipCacheState:
 
     def describe_settings(self) -> str:
         c = self.config
-        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}"
+        forecast = f", forecast order {c.forecast}" if c.forecast else ""  # none: the paper's reuse
+        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}"
 
     def summary(self, interrupted: bool = False) -> tuple[int, str]:
         """(logging level, message) for the end of a run."""

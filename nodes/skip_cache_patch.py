@@ -189,15 +189,23 @@ class ApplySkipCache(io.ComfyNode):
                     tooltip="k: units recomputed at each end on cached steps (blocks; (spatial, temporal) block "
                     "pairs for Latte). At most the model's number of long skips.",
                 ),
+                io.Int.Input(
+                    "forecast", default=0, min=0, max=2, optional=True,
+                    tooltip="What cached steps are fed. 0: the deep features of the last full step, as the paper. "
+                    "1 / 2: those features forecast to the step's timestep from the last 2 / 3 full steps (a line / "
+                    "a parabola in t): closer to the uncached output in wide windows at the same speed; keeps 2 / 3 "
+                    "copies of the deep features.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with Skip-Cache; the input model is unchanged.")],
         )
 
     @classmethod
-    def execute(cls, model, interval, settings, window_unit, start, end, depth) -> io.NodeOutput:
+    def execute(cls, model, interval, settings, window_unit, start, end, depth, forecast=0) -> io.NodeOutput:
         target = cache_target(model)
         config = adapters.cache_config(
-            target.family, interval, settings, window_unit, start, end, depth, num_skips=target.stack.num_skips
+            target.family, interval, settings, window_unit, start, end, depth, num_skips=target.stack.num_skips,
+            forecast=forecast,
         )
         state = SkipCacheState(config, target)  # checks k against the model's long skips
         patched = model.clone()

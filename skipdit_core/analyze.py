@@ -9,7 +9,8 @@ previous steps:
 (NaN where s < lag). Skip-Cache with depth k reuses the output of unit L-k-1, the deep state entering
 unit L-k, for up to n-1 steps after a full step; so that unit's row at lags 1..n-1 says where caching
 is safe and for how long. `suggest` turns it into a window (start -> end) and an interval n, and
-`plot_dynamics` draws the heatmaps.
+`plot_dynamics` draws the heatmaps. `compare_forecasts` replays the suggestion with each forecast
+order of the cut state, to say which one to use.
 """
 from __future__ import annotations
 
@@ -162,6 +163,19 @@ def suggest(dyn: FeatureDynamics, threshold: float = 0.99, depth: int = 1) -> Op
     stats = simulate(config, dyn.timesteps, dyn.num_units, dyn.num_skips, dyn.family)
     return Suggestion(interval, start, end, depth, threshold, window_similarity, stats,
                       stats.speedup_bound(depth, dyn.num_units))
+
+
+def compare_forecasts(model, req: Request, config: SkipCacheConfig, orders=(0, 1, 2)) -> dict[int, float]:
+    """PSNR (dB) of the output with each forecast order of `config` against the uncached output, on the
+    trajectory of `req`: whether forecasting the cut state pays off on this model and schedule (it
+    gains in wide windows and can lose where n-1 cached steps extrapolate far)."""
+    from dataclasses import replace
+
+    from .media import psnr
+
+    ref = generate(model, req).sample
+    data_range = float(ref.max() - ref.min()) or 1.0
+    return {order: psnr(generate(model, req, replace(config, forecast=order)).sample, ref, data_range) for order in orders}
 
 
 def plot_dynamics(panels: Sequence[tuple[str, FeatureDynamics]], path: str,

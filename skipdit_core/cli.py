@@ -75,10 +75,10 @@ def _cache_config(args, family, interval):
     if args.cache_start_percent is not None or args.cache_end_percent is not None:
         return SkipCacheConfig.from_percent(
             args.cache_start_percent if args.cache_start_percent is not None else 0.3,
-            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth)
+            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth, args.cache_forecast)
     start = args.cache_start if args.cache_start is not None else base.start
     end = args.cache_end if args.cache_end is not None else base.end
-    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth)
+    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth, forecast=args.cache_forecast)
 
 
 def _request(args, model, family):
@@ -163,7 +163,7 @@ def cmd_sample(args) -> int:
         write_video(out, pixels, fps=args.fps)
     line = f"wrote {out} in {result.seconds:.2f} s"
     if result.stats:
-        line += f"; Skip-Cache n={cache.interval} {cache.start:g}->{cache.end:g} k={cache.depth}: {result.stats.summary()}, speedup bound {result.speedup_bound:.2f}x"
+        line += f"; Skip-Cache {cache.describe()}: {result.stats.summary()}, speedup bound {result.speedup_bound:.2f}x"
     print(line)
     return 0
 
@@ -217,7 +217,7 @@ def cmd_bench(args) -> int:
         out = prep(out if out is not None else res.sample)
         speedup = base.seconds / res.seconds
         rows.append(dict(
-            setting=f"n={cache.interval} {cache.start:g}->{cache.end:g} k={cache.depth}", seconds=res.seconds,
+            setting=cache.describe(), seconds=res.seconds,
             speedup=speedup, bound=res.speedup_bound, full=res.stats.full_steps,
             cached=res.stats.cached_steps, psnr=psnr(out, ref, data_range), ssim=ssim(out, ref, data_range),
             warning=(f"measured {speedup:.2f}x is above the bound {res.speedup_bound:.2f}x: timing noise "
@@ -231,11 +231,11 @@ def cmd_bench(args) -> int:
     steps = len(make_sampler(req.family, req.sampler, req.steps))
     print(f"{args.checkpoint}: {ckpt.family}, {req.sampler} {steps} steps, seed {req.seed}; "
           f"fastest of {args.repeats} alternating runs each, after a warm-up")
-    print(f"{'setting':<24} {'full/cached':>11} {'seconds':>8} {'speedup':>8} {'bound':>6} {'PSNR dB':>8} {'SSIM':>6}")
+    print(f"{'setting':<34} {'full/cached':>11} {'seconds':>8} {'speedup':>8} {'bound':>6} {'PSNR dB':>8} {'SSIM':>6}")
     for r in rows:
         fc = "all full" if r["full"] is None else f"{r['full']}/{r['cached']}"
         mark = " *" if r["warning"] else ""
-        print(f"{r['setting']:<24} {fc:>11} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x "
+        print(f"{r['setting']:<34} {fc:>11} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x "
               f"{r['psnr']:>8.2f} {r['ssim']:>6.3f}{mark}")
     for r in rows:
         if r["warning"]:
@@ -273,6 +273,9 @@ def generation_args(sp, bench: bool) -> None:
     sp.add_argument("--cache-start-percent", type=float, help="window start as sampling progress 0..1")
     sp.add_argument("--cache-end-percent", type=float, help="window end as sampling progress 0..1")
     sp.add_argument("--cache-depth", type=int, help="units recomputed at each end (default: DiT 4, others 1)")
+    sp.add_argument("--cache-forecast", type=int, choices=[0, 1, 2], default=0,
+                    help="cached steps: 0 reuse the last full step's deep state (the paper), 1 / 2 forecast it "
+                         "(a polynomial in t through the last 2 / 3 full steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,7 +351,7 @@ def cmd_demo(args) -> int:
 
     cache = replace(DEMO_CACHE, interval=args.interval)
     print(f"demo model {args.model or DEMO_MODEL}: class {args.label!r}, DDIM {args.steps} steps, guidance {args.guidance}, "
-          f"seed {args.seed}; Skip-Cache n={cache.interval} {cache.start:g}->{cache.end:g} k={cache.depth}")
+          f"seed {args.seed}; Skip-Cache {cache.describe()}")
     r = run_demo(args.out, args.label, cache, steps=args.steps, guidance=args.guidance, seed=args.seed,
                  repeats=args.repeats, model_path=args.model, scale=args.scale)
     print(f"without Skip-Cache: {r.uncached_seconds:.3f} s -> {r.uncached_path}")
@@ -361,13 +364,15 @@ def cmd_demo(args) -> int:
 def cmd_analyze(args) -> int:
     import os
 
-    from .analyze import plot_dynamics, record_dynamics, suggest
+    from .analyze import compare_forecasts, plot_dynamics, record_dynamics, suggest
     from .loading import load_model
 
     panels = []
     for path in [args.checkpoint] + ([args.twin] if args.twin else []):
         model, ckpt = load_model(path, dtype=DTYPES[args.dtype], device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         req = _request(args, model, ckpt.family)
+        if not panels:
+            skip_model, skip_req = model, req
         dyn = record_dynamics(model, req, max_lag=args.max_lag, progress=_Progress(os.path.basename(path)))
         panels.append((path, dyn))
         unit = dyn.cached_unit(args.cache_depth)  # the reused unit, or its place in a vanilla twin
@@ -390,10 +395,15 @@ def cmd_analyze(args) -> int:
         print(f"suggested Skip-Cache: interval {tip.interval}, window {tip.start} -> {tip.end}, depth {tip.depth} "
               f"(reused feature keeps a mean cosine of {tip.window_similarity:.4f} at distance {tip.interval - 1})")
         print(f"  on this trajectory: {tip.stats.summary()}, speedup bound {tip.speedup_bound:.2f}x")
+        scores = compare_forecasts(skip_model, skip_req, tip.config)
+        order = max(scores, key=scores.get)
+        print("  forecast of the cut state, PSNR to the uncached output: "
+              + ", ".join(f"order {k} {v:.2f} dB" for k, v in scores.items())
+              + f" -> forecast {order}" + (" (reuse, as the paper)" if order == 0 else ""))
         print(f"  skipdit sample ... --cache-interval {tip.interval} --cache-start {tip.start} --cache-end {tip.end} "
-              f"--cache-depth {tip.depth}")
+              f"--cache-depth {tip.depth} --cache-forecast {order}")
         print(f"  ComfyUI Apply Skip-Cache: interval {tip.interval}, start {tip.start}, end {tip.end} (timesteps), "
-              f"depth {tip.depth}")
+              f"depth {tip.depth}, forecast {order}")
     return 0
 
 

@@ -79,15 +79,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    """Mean SSIM over frames and channels, 7x7 uniform window. a, b: (..., H, W)."""
+    """Mean SSIM over frames, channels and pixels (Wang et al. 2004) as torchmetrics'
+    `structural_similarity_index_measure` computes it by default, equal to it to 1e-6
+    (tests/test_media.py): an 11x11 Gaussian window of sigma 1.5, K1 0.01, K2 0.03, the frame
+    reflect-padded by 5 px so every pixel has a window, variances clamped at 0. a, b: (..., H, W).
+    Frames of 5 px or less (where reflect padding by 5 cannot be done) take the largest window that
+    fits, with the same sigma; no standard figure exists there."""
     import torch.nn.functional as F
 
     x = a.double().reshape(-1, 1, *a.shape[-2:])
     y = b.double().reshape(-1, 1, *b.shape[-2:])
-    win = min(7, x.shape[-1], x.shape[-2])
-    pool = lambda z: F.avg_pool2d(z, win, stride=1)  # noqa: E731
+    pad = min(5, x.shape[-1] - 1, x.shape[-2] - 1)
+    coords = torch.arange(2 * pad + 1, dtype=torch.float64) - pad
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :])[None, None]
+    blur = lambda z: F.conv2d(F.pad(z, (pad, pad, pad, pad), mode="reflect"), window)  # noqa: E731
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = pool(x), pool(y)
-    vx, vy, cxy = pool(x * x) - mx**2, pool(y * y) - my**2, pool(x * y) - mx * my
+    mx, my = blur(x), blur(y)
+    vx, vy = (blur(x * x) - mx**2).clamp(min=0), (blur(y * y) - my**2).clamp(min=0)
+    cxy = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return float(s.mean())

@@ -16,6 +16,12 @@ and the per-run state, the same for every family (it reproduces the authors' rel
   class-to-video code drops the cache only below the end (t < 50), every other family at it.
 - n = 1 never caches: outputs are identical to the uncached model.
 
+Beyond the paper, `forecast` (default 0, the paper's reuse, bit for bit): a cached step is fed
+the cut state *predicted* at its timestep by the polynomial through the last `forecast + 1` full
+steps' cut states (Newton's divided differences in t, `CutForecast`): order 1 extrapolates the
+last change linearly, order 2 also its curvature (TaylorSeer-style, in the timestep rather than
+the step index, so uneven schedules are handled). The decision of a step never depends on it.
+
 Timesteps are the training timesteps 0..1000 the model sees. The window is `start -> end`
 (the paper's 700 -> 50). The percent form counts sampling progress: 0% is t = 1000, 100% is
 t = 0, so 700 -> 50 is 30% -> 95%.
@@ -30,6 +36,53 @@ import torch
 from .diffusion import NUM_TRAIN_TIMESTEPS
 from .models.ustack import StackCut, UStack
 
+FORECAST_ORDERS = (0, 1, 2)
+
+
+class CutForecast:
+    """The cut state as a polynomial in the timestep through the last `order + 1` full steps.
+
+    Kept in Newton form: coeffs[0] is the newest state h0 (at t0, its own dtype), coeffs[j] the
+    divided difference f[t0 .. tj] (float32), so a prediction is a Horner loop of `order`
+    multiply-adds on one tensor and memory is order + 1 cut states. Fewer full steps than order + 1
+    so far: the highest order they allow. Order 0 returns h0 itself (the paper's reuse).
+    """
+
+    def __init__(self, order: int):
+        self.order = order
+        self.ts: list[float] = []
+        self.coeffs: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.coeffs)
+
+    @property
+    def latest(self) -> Optional[torch.Tensor]:
+        return self.coeffs[0] if self.coeffs else None
+
+    def add(self, t: float, h: torch.Tensor) -> None:
+        """A full step's cut state h (any shape) at timestep t."""
+        new = [h]
+        if self.order:
+            for j in range(min(len(self.coeffs), self.order)):
+                lower = new[j].float() if j == 0 else new[j]
+                new.append((self.coeffs[j].float() - lower) / (self.ts[j] - t))
+        self.coeffs = new
+        self.ts = [t] + self.ts[: self.order - 1] if self.order else [t]
+
+    def predict(self, t: float) -> torch.Tensor:
+        """The state at timestep t (a cached step's), in the dtype of the states."""
+        h0 = self.coeffs[0]
+        if len(self.coeffs) == 1:
+            return h0
+        out = self.coeffs[-1]
+        for j in range(len(self.coeffs) - 2, 0, -1):
+            out = self.coeffs[j] + (t - self.ts[j]) * out
+        return (h0.float() + (t - self.ts[0]) * out).to(h0.dtype)
+
+    def clear(self) -> None:
+        self.ts, self.coeffs = [], []
+
 
 @dataclass(frozen=True)
 class SkipCacheConfig:
@@ -40,12 +93,15 @@ class SkipCacheConfig:
     start: float = 700.0
     end: float = 50.0
     depth: int = 1
+    forecast: int = 0  # 0: reuse the last full step's cut state (the paper); 1, 2: polynomial forecast order
 
     def __post_init__(self):
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"Skip-Cache interval n must be an integer >= 1 (1 = no caching), got {self.interval!r}")
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"Skip-Cache depth k must be an integer >= 1, got {self.depth!r}")
+        if self.forecast not in FORECAST_ORDERS:
+            raise ValueError(f"Skip-Cache forecast must be one of {FORECAST_ORDERS} (0 = reuse, as the paper), got {self.forecast!r}")
         for name in ("start", "end"):
             value = getattr(self, name)
             if not 0 <= value <= NUM_TRAIN_TIMESTEPS:
@@ -56,14 +112,19 @@ class SkipCacheConfig:
                 "denoising runs from t=1000 down to 0, and caching happens between them"
             )
 
+    def describe(self) -> str:
+        """The settings as the log lines and tables print them, e.g. "n=2 700->50 k=1 forecast=2"."""
+        return f"n={self.interval} {self.start:g}->{self.end:g} k={self.depth}" + (
+            f" forecast={self.forecast}" if self.forecast else "")
+
     @classmethod
-    def from_percent(cls, start_percent: float, end_percent: float, interval: int = 2, depth: int = 1):
+    def from_percent(cls, start_percent: float, end_percent: float, interval: int = 2, depth: int = 1, forecast: int = 0):
         """The window as sampling progress in 0..1: 0.3 -> 0.95 is the paper's 700 -> 50."""
         for name, p in (("start", start_percent), ("end", end_percent)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"Skip-Cache {name} percent must be in 0..1, got {p}")
         to_t = lambda p: round(NUM_TRAIN_TIMESTEPS * (1.0 - p), 6)  # noqa: E731
-        return cls(interval=interval, start=to_t(start_percent), end=to_t(end_percent), depth=depth)
+        return cls(interval=interval, start=to_t(start_percent), end=to_t(end_percent), depth=depth, forecast=forecast)
 
 
 
@@ -131,10 +192,16 @@ class SkipCacheRun:
         self.end_inclusive = end_is_inclusive(family)
         self.stack = stack
         self.blocks_per_unit = blocks_per_unit
-        self.cache: Optional[torch.Tensor] = None
+        self.history = CutForecast(config.forecast)
+        self.current: Optional[torch.Tensor] = None  # the deep state this step was fed, if it is cached
         self.counter = 0
         self._t = float(NUM_TRAIN_TIMESTEPS)
         self.stats = SkipCacheStats()
+
+    @property
+    def cache(self) -> Optional[torch.Tensor]:
+        """The last full step's cut state (None: no cache)."""
+        return self.history.latest
 
     @classmethod
     def for_model(cls, config: SkipCacheConfig, model) -> "SkipCacheRun":
@@ -158,17 +225,20 @@ class SkipCacheRun:
         self.stats.schedule.append("C" if cached else "F")
         if cached:
             self.stats.cached_steps += 1
-            return StackCut(cfg.depth, cached=self.cache)
+            self.current = self.history.predict(self._t)
+            return StackCut(cfg.depth, cached=self.current)
         self.stats.full_steps += 1
+        self.current = None
         return StackCut(cfg.depth) if cfg.interval > 1 else None
 
     def end_step(self, cut: Optional[StackCut]) -> None:
         """After the model call: keep a full step's deep state; past the window, drop it."""
         if cut is not None and cut.cached is None:
-            self.cache = cut.captured
+            self.history.add(self._t, cut.captured)
         end = self.config.end
         if self._t < end or (self.end_inclusive and self._t == end):
-            self.cache, self.counter = None, 0
+            self.history.clear()
+            self.current, self.counter = None, 0
 
     def speedup_bound(self) -> float:
         return self.stats.speedup_bound(self.config.depth, self.stack.num_units)

@@ -127,8 +127,8 @@ def rel_diff(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1):
-    return node.execute(model, n, "custom", "timesteps", start, end, depth).args[0]
+def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0):
+    return node.execute(model, n, "custom", "timesteps", start, end, depth, forecast).args[0]
 
 
 def compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, cfg) -> dict:
@@ -183,6 +183,11 @@ def run_check(check, nodes, pack, base_dir, loaded):
         steps = 6
         runs = compare_intervals(nodes, apply, model, counts, result, positive, positive, latent, steps, 1.0)
         result["depth"] = dm.depth
+        # A forecast of the cut state through the same block patches: the same blocks run, another output.
+        counts["calls"] = 0
+        n2_forecast = run_sampler(nodes, skip_cache(apply, model, 2, forecast=1), positive, positive, latent, steps, 1.0)
+        result["block_calls_forecast"] = counts["calls"]
+        result["forecast_differs"] = not bool(torch.equal(n2_forecast, runs["n2"])) and bool(torch.isfinite(n2_forecast).all())
         # The input model is untouched: no state, no patches, and it samples as before.
         options = model.model_options["transformer_options"]
         result["input_untouched"] = state_mod.STATE_KEY not in options and not options.get("patches_replace")

@@ -77,6 +77,19 @@ def widget_layout(schema: dict) -> list[tuple[Optional[str], list]]:
     return layout
 
 
+def trailing_optional_widgets(schema: dict) -> int:
+    """How many entries at the end of `widget_layout` belong to optional inputs (those an older
+    workflow file may lack)."""
+    optional = {name for name, _, required in schema_inputs(schema) if not required}
+    count, last = 0, None
+    for name, _ in reversed(widget_layout(schema)):
+        name = name or last  # a control widget belongs to the input before it
+        if name not in optional:
+            break
+        count, last = count + 1, name
+    return count
+
+
 # ----------------------------------------------------------------------------- UI -> API
 
 
@@ -138,9 +151,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         if isinstance(values, dict):  # some widgets serialise by name
             values = [values.get(name) for name, _ in widget_layout(schema)]
         layout = widget_layout(schema)
-        if len(values) != len(layout):
+        # A file saved before a node gained optional widgets has fewer values: the missing ones are the
+        # trailing optional widgets, which take their defaults (as the frontend does on load).
+        required = len(layout) - trailing_optional_widgets(schema)
+        if not required <= len(values) <= len(layout):
+            expected = len(layout) if required == len(layout) else f"{required} to {len(layout)}"
             raise WorkflowError(
-                f"node {node_id} ({kind}): {len(values)} widget values for {len(layout)} widgets "
+                f"node {node_id} ({kind}): {len(values)} widget values for {expected} widgets "
                 f"{[name or '(control)' for name, _ in layout]}"
             )
         widget_values = {name: value for (name, _), value in zip(layout, values) if name is not None}

@@ -1,5 +1,6 @@
 """`skipdit analyze`: per-unit feature dynamics along a trajectory, the suggested Skip-Cache settings, the heatmap."""
 import math
+import re
 
 import pytest
 import torch
@@ -96,4 +97,10 @@ def test_analyze_command_writes_the_heatmap_and_prints_settings(tmp_path, capsys
     out = capsys.readouterr().out
     assert "4 units, 2 long skips, 10 ddim steps" in out and "4 units, 0 long skips" in out
     assert "suggested Skip-Cache: interval" in out and "--cache-interval" in out
+    # the suggestion is replayed with each forecast order; the best one is what it suggests
+    scores = re.search(r"order 0 ([\d.inf]+) dB, order 1 ([\d.inf]+) dB, order 2 ([\d.inf]+) dB -> forecast (\d)", out)
+    assert scores, out
+    values = [float(v) for v in scores.groups()[:3]]
+    assert int(scores.group(4)) == values.index(max(values))
+    assert f"--cache-forecast {scores.group(4)}" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

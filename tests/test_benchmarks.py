@@ -27,6 +27,7 @@ def test_speed_reports_each_setting_against_uncached():
                           "--intervals", "2", "3", "--windows", "700:50", "1000:0", "--depth", "1", "--json"))
     rows = data["rows"]
     assert [(r["interval"], r["window"]) for r in rows] == [(1, "-"), (2, "700->50"), (3, "700->50"), (2, "1000->0")]
+    assert {r["forecast"] for r in rows} == {0}
     assert rows[0]["speedup"] == 1.0 and rows[0]["cached"] == 0 and rows[0]["bound"] == 1.0
     for r in rows[1:]:
         assert r["cached"] > 0 and r["full"] + r["cached"] == 10 and r["bound"] > 1.0 and r["seconds"] > 0
@@ -43,12 +44,15 @@ def test_fidelity_compares_skip_cache_and_every_peer(tmp_path):
         save_safetensors(randomize(build_model("latte", config), seed=4).state_dict(), paths[skip], "latte", config)
     out = run("fidelity.py", "--model", str(paths[True]), "--twin", str(paths[False]), "--classes", "1",
               "--seeds", "0", "--steps", "6", "--intervals", "2", "--windows", "1000:0", "700:50", "--repeats", "1",
-              "--out", str(tmp_path))
+              "--forecasts", "0", "2", "--skip-peers", "taylorseer", "--out", str(tmp_path))
     table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     methods = {line.split(" | ")[0][2:] for line in table}
-    assert methods == {"Skip-Cache", "First Block Cache", "PAB", "FasterCache", "TaylorSeer"}
-    assert "At equal measured speedup" in out and "At equal share of block compute" in out
+    assert methods == {"Skip-Cache", "Skip-Cache + forecast 2", "First Block Cache", "PAB", "FasterCache", "TaylorSeer",
+                       "TaylorSeer (skip model)"}
+    assert "At equal measured speedup, Skip-Cache, reuse (the paper)" in out
+    assert "At equal share of block compute (the machine-independent axis), Skip-Cache, any forecast order" in out
     assert (tmp_path / "fidelity-vs-speedup.png").stat().st_size > 10_000
+    assert (tmp_path / "fidelity-vs-compute.png").stat().st_size > 10_000
 
 
 def test_claim_check_takes_the_best_skip_cache_setting_at_least_as_fast():

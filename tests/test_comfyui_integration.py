@@ -292,10 +292,13 @@ def test_skip_cache_on_core_hunyuan_dit(inprocess):
     # n = 2 over the whole schedule: half the steps run blocks 0 and 5 only.
     assert r["block_calls_n2"] == steps // 2 * depth + steps // 2 * 2
     assert 0 < r["n2_rel_diff"] < 0.5
+    assert r["block_calls_forecast"] == r["block_calls_n2"] and r["forecast_differs"]  # forecast on core's patches
     assert r["input_untouched"] and r["plain_again_identical"]  # removing the node removes the effect
     assert r["twice"] == {"interval": 2, "patched_blocks": [1, 2, 3, 4], "own_state": True, "wrappers": [1, 1]}
-    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Hunyuan-DiT (ComfyUI), n=2")]
+    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Hunyuan-DiT (ComfyUI), n=2") and "forecast" not in m]
     assert f"{steps // 2} full + {steps // 2} cached of {steps} steps" in line
+    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Hunyuan-DiT (ComfyUI), n=2") and "forecast order 1]" in m]
+    assert f"{steps // 2} full + {steps // 2} cached of {steps} steps" in line  # the log names the forecast
     # A cached step fed the deep state captured from the same input reproduces the full step exactly.
     assert r["handoff_kinds"] == [False, True] and r["handoff_exact"], r["handoff_max_abs"]
 

@@ -159,8 +159,8 @@ def test_convert_bypass_mute_reroute_and_linked_widgets():
 def test_convert_errors_name_the_problem():
     wf = small_graph()
     bad = copy.deepcopy(wf)
-    {n["id"]: n for n in bad["nodes"]}[4]["widgets_values"].pop()
-    with pytest.raises(WorkflowError, match=r"node 4 \(Sampler\): 6 widget values for 7 widgets"):
+    {n["id"]: n for n in bad["nodes"]}[4]["widgets_values"].append(1)
+    with pytest.raises(WorkflowError, match=r"node 4 \(Sampler\): 8 widget values for 4 to 7 widgets"):
         ui_to_api(bad, SCHEMAS)
     with pytest.raises(WorkflowError, match="unknown to this ComfyUI: \\['Sampler'\\]"):
         ui_to_api(wf, {k: v for k, v in SCHEMAS.items() if k != "Sampler"})
@@ -221,9 +221,10 @@ def test_demo_workflow_is_the_demo_command():
     by_type = {n["type"]: n for n in wf["nodes"]}
     assert by_type["SkipDiTModelLoader"]["widgets_values"][0] == demo.DEMO_MODEL.name
     assert 0 <= by_type["SkipDiTClassLabel"]["widgets_values"][0] < len(demo.SHAPE_CLASSES)
-    interval, settings, unit, start, end, depth = by_type["SkipDiTApplySkipCache"]["widgets_values"]
+    interval, settings, unit, start, end, depth, forecast = by_type["SkipDiTApplySkipCache"]["widgets_values"]
     assert (interval, settings) == (demo.DEMO_CACHE.interval, "auto")  # auto: Latte's authors' window
     assert (start, end, depth) == (demo.DEMO_CACHE.start, demo.DEMO_CACHE.end, demo.DEMO_CACHE.depth)
+    assert forecast == demo.DEMO_CACHE.forecast == 0  # the paper's reuse, as skipdit demo
     defaults = inspect.signature(demo.run_demo).parameters
     seed, control, steps, cfg, sampler, scheduler, denoise = by_type["KSampler"]["widgets_values"]
     assert (steps, cfg, control, denoise) == (defaults["steps"].default, defaults["guidance"].default, "fixed", 1.0)
@@ -369,3 +370,17 @@ def test_workflow_loads_in_the_frontend_without_missing_nodes(frontend, object_i
 def test_demo_screenshot_saved(frontend):
     assert SCREENSHOT.stat().st_size > 10_000
     assert frontend["_version"]
+
+
+def test_a_file_saved_before_a_node_gained_optional_widgets_converts_with_their_defaults():
+    """Sampler's optional noise_seed (+ its control) and flag are trailing optional widgets: a file
+    with only the required values converts (they are left to their defaults); one value short of the
+    required ones is still an error."""
+    wf = small_graph()
+    sampler = next(n for n in wf["nodes"] if n["id"] == 4)
+    sampler["widgets_values"] = sampler["widgets_values"][:4]  # seed, control, steps, name
+    inputs = ui_to_api(wf, SCHEMAS)["4"]["inputs"]
+    assert inputs == {"model": ["3", 0], "seed": 42, "steps": 7, "name": "y", "latent": ["2", 0]}
+    sampler["widgets_values"] = sampler["widgets_values"][:3]
+    with pytest.raises(WorkflowError, match=r"3 widget values for 4 to 7 widgets"):
+        ui_to_api(wf, SCHEMAS)

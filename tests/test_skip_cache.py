@@ -256,3 +256,93 @@ def test_a_models_run_follows_its_familys_end_rule():
     for family in FAMILIES:
         run = SkipCacheRun.for_model(replace(AUTHORS_SETTINGS[family], depth=1), tiny(family))
         assert run.end_inclusive == (family != "latte"), family
+
+
+# --------------------------------------------------------------------------- forecasting the cut state
+
+from skipdit_core.skip_cache import CutForecast  # noqa: E402
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_is_exact_on_polynomials_of_its_order_and_uses_order_plus_one_states(order):
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    poly = lambda t: a + b * t / 1000 + (c * (t / 1000) ** 2 if order == 2 else 0)  # noqa: E731
+    f = CutForecast(order)
+    for t in (980.0, 900.0, 860.0, 700.0, 660.0):  # uneven spacing, as real schedules
+        f.add(t, poly(t))
+        assert len(f) <= order + 1
+    assert len(f) == order + 1 and f.latest.dtype == torch.float64
+    for t in (640.0, 500.0):
+        assert torch.allclose(f.predict(t).double(), poly(t), rtol=1e-5, atol=1e-6)
+    f.clear()
+    assert f.latest is None
+
+
+def test_forecast_with_fewer_full_steps_than_its_order_drops_to_what_they_allow():
+    f = CutForecast(2)
+    h0 = torch.tensor([1.0, 2.0])
+    f.add(900.0, h0)
+    assert f.predict(800.0) is h0  # one state: reuse
+    f.add(800.0, torch.tensor([2.0, 4.0]))
+    assert torch.allclose(f.predict(700.0), torch.tensor([3.0, 6.0]))  # two states: a line
+    z = CutForecast(0)
+    z.add(900.0, h0)
+    z.add(800.0, torch.tensor([5.0, 5.0]))
+    assert len(z) == 1 and torch.equal(z.predict(100.0), torch.tensor([5.0, 5.0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forecast_zero_feeds_the_full_steps_own_tensor_and_decisions_never_depend_on_the_order(family):
+    model = tiny(family)
+    inp = inputs(family, model)
+    reuse, run0 = run_loop(model, inp, SkipCacheConfig(interval=2, start=1000, end=0))
+    schedules = {0: run0.stats.schedule}
+    outs = {0: reuse}
+    for order in (1, 2):
+        outs[order], run = run_loop(model, inp, SkipCacheConfig(interval=2, start=1000, end=0, forecast=order))
+        schedules[order] = run.stats.schedule
+        assert torch.isfinite(outs[order]).all()
+    assert schedules[0] == schedules[1] == schedules[2]
+    assert not torch.equal(outs[1], reuse) and not torch.equal(outs[2], outs[1])
+    # order 0: the cached step is fed the very tensor the last full step captured (the paper's reuse)
+    run = SkipCacheRun.for_model(SkipCacheConfig(interval=2, start=1000, end=0), model)
+    x = inp["x"]
+    rest = {k: v for k, v in inp.items() if k != "x"}
+    with torch.no_grad():
+        cut = run.begin_step(900)
+        model(x, torch.full((x.shape[0],), 900.0), **rest, cut=cut)
+        run.end_step(cut)
+        assert run.begin_step(800).cached is cut.captured
+    # n = 1 with a forecast is still the uncached model
+    plain, _ = run_loop(model, inp)
+    same, _ = run_loop(model, inp, SkipCacheConfig(interval=1, start=1000, end=0, forecast=2))
+    assert torch.equal(plain, same)
+
+
+def test_forecast_follows_a_cut_state_that_moves_linearly_in_t():
+    """A stand-in stack whose cut state is a line in t: order 1 feeds the cached step the exact state
+    of its timestep, reuse feeds a stale one."""
+    stack = UStack(4, 2)
+    for order, exact in ((0, False), (1, True), (2, True)):
+        run = SkipCacheRun(SkipCacheConfig(interval=3, start=1000, end=0, forecast=order), stack)
+        fed = {}
+        for t in (950.0, 900.0, 850.0, 800.0, 750.0, 700.0, 650.0):
+            cut = run.begin_step(t)
+            state = torch.full((2,), 3.0 + t / 100)
+            if cut.cached is None:
+                cut.captured = state
+            else:
+                fed[t] = bool(torch.allclose(cut.cached, state))
+            run.end_step(cut)
+        assert run.stats.schedule == ["F", "C", "C", "F", "C", "C", "F"]
+        # the first cached steps follow a single full step (nothing to extrapolate from yet)
+        assert fed == {900.0: False, 850.0: False, 750.0: exact, 700.0: exact}, order
+
+
+def test_forecast_setting_is_checked_and_named():
+    with pytest.raises(ValueError, match=r"forecast must be one of \(0, 1, 2\)"):
+        SkipCacheConfig(forecast=3)
+    assert SkipCacheConfig(interval=3, forecast=2).describe() == "n=3 700->50 k=1 forecast=2"
+    assert SkipCacheConfig(interval=3).describe() == "n=3 700->50 k=1"
+    assert SkipCacheConfig.from_percent(0.3, 0.95, 2, 1, forecast=1).forecast == 1

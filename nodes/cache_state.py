@@ -12,21 +12,44 @@ it is. What ComfyUI adds, and what this module handles:
   model again at the same sigma (Heun's corrector evaluates at sigma_{i+1}, where the next step starts)
   does not advance the counter: the evaluation repeats the step's decision (a full one refreshes the
   cache, a cached one reuses it).
-- **Per-run lifetime.** `reset()` at the start and end of every sampling run (also after an
-  interruption), so nothing stale survives; a deep copy (ComfyUI's `ModelPatcher.clone()`) starts empty.
+- **Per-run lifetime, whatever clone() copies.** Apply Skip-Cache stores only the settings
+  (`SkipCacheSetup`, immutable) in the model's transformer_options. Every sampling run gets its own
+  `SkipCacheState` (`SkipCacheSetup.new_run()`, from the OUTER_SAMPLE wrapper, in that run's copy of
+  transformer_options, `RUN_KEY`), dropped with the run. So two clones, two runs or a run after an
+  interruption never meet, whether `ModelPatcher.clone()` deep-copies transformer_options (ComfyUI
+  0.3.64) or copies only its dicts and lists and shares every other object (0.38,
+  `comfy.utils.deepcopy_list_dict`).
+- **Threads and devices.** ComfyUI 0.38's MultiGPU CFG Split evaluates the conds of one step in one
+  worker thread per device at the same time, all in the same run. The cut of a model call is kept per
+  thread (`current_cut`, read by our models and by the block patches of core Hunyuan-DiT in the
+  thread that runs the call); the device is part of the batch-composition key, so each device keeps
+  its own cached tensors; the shared bookkeeping is locked. The timestep rule makes the same decision
+  for every composition, so every device decides alike; the statistics merge into one log line.
 - **Statistics**: steps, model calls, blocks run, model time and the measured speedup, for the log line.
 """
 from __future__ import annotations
 
 import logging
 import statistics
+import threading
 from dataclasses import dataclass
-from typing import Hashable, Optional
+from typing import Hashable, Optional, Sequence
 
 from skipdit_core.models import StackCut, UStack
 from skipdit_core.skip_cache import SkipCacheConfig, SkipCacheRun
 
-STATE_KEY = "skipdit_skip_cache"  # where the state lives in model_options["transformer_options"]
+STATE_KEY = "skipdit_skip_cache"  # the settings (SkipCacheSetup) in model_options["transformer_options"]
+RUN_KEY = "skipdit_skip_cache_run"  # the running SkipCacheState, in a sampling run's transformer_options
+
+# The Skip-Cache state whose model call is running in this thread (set by begin, cleared by end/abort).
+_ACTIVE = threading.local()
+
+
+def current_cut(setup: Optional["SkipCacheSetup"]) -> Optional[StackCut]:
+    """The cut of the model call this thread is running for a run of `setup` (None: no such call, or
+    an uncut one). What our models' forward and core Hunyuan-DiT's block patches read."""
+    state = getattr(_ACTIVE, "state", None)
+    return _ACTIVE.cut if state is not None and setup is not None and state.setup is setup else None
 
 
 @dataclass(frozen=True)
@@ -53,35 +76,61 @@ class _Track:
         self.cached_seconds: list[float] = []
 
 
-class SkipCacheState:
-    """Held in transformer_options[STATE_KEY] by Apply Skip-Cache; one sampling run at a time."""
+class SkipCacheSetup:
+    """What Apply Skip-Cache stores in the patched model's transformer_options[STATE_KEY]: the
+    settings, immutable, so sharing it between clones is harmless (a deep copy returns it as is)."""
 
     def __init__(self, config: SkipCacheConfig, target: CacheTarget):
         target.stack.check_depth(config.depth)
         self.config = config
         self.target = target
-        self.reset()
 
-    def reset(self) -> None:
+    def __deepcopy__(self, memo):
+        return self
+
+    def new_run(self) -> "SkipCacheState":
+        return SkipCacheState(self)
+
+    def describe_settings(self) -> str:
+        c = self.config
+        forecast = f", forecast order {c.forecast}" if c.forecast else ""  # none: the paper's reuse
+        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}"
+
+
+class SkipCacheState:
+    """The state of one sampling run (transformer_options[RUN_KEY] of that run); safe to drive from
+    several threads at once (one per device)."""
+
+    def __init__(self, setup: SkipCacheSetup):
+        self.setup = setup
+        self.config = setup.config
+        self.target = setup.target
+        self._lock = threading.Lock()
         self.tracks: dict[Hashable, _Track] = {}
-        self.current_cut: Optional[StackCut] = None
         self.calls = 0
         self.blocks_run = 0
         self.blocks_uncached = 0
 
-    def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options: a clone gets the same settings and no state.
-        return SkipCacheState(self.config, self.target)
+    @property
+    def current_cut(self) -> Optional[StackCut]:
+        """The cut of this run's model call running in this thread (None: none, or uncut)."""
+        return _ACTIVE.cut if getattr(_ACTIVE, "state", None) is self else None
 
     # ------------------------------------------------------------------ per model call
 
     def begin(self, key: Hashable, sigma: float, timestep: float) -> Optional[StackCut]:
-        """Before a model call on batch composition `key` at noise level `sigma` (timestep 0..1000):
-        the cut to run with (None: uncut). Also stored as `current_cut` for block patches."""
-        track = self.tracks.get(key)
-        if track is None:
-            track = self.tracks[key] = _Track(SkipCacheRun(
-                self.config, self.target.stack, self.target.blocks_per_unit, self.target.family))
+        """Before a model call on batch composition `key` (which names the device) at noise level
+        `sigma` (timestep 0..1000): the cut to run with (None: uncut), also this thread's
+        `current_cut` until `end` / `abort`."""
+        with self._lock:
+            track = self.tracks.get(key)
+            if track is None:
+                track = self.tracks[key] = _Track(SkipCacheRun(
+                    self.config, self.target.stack, self.target.blocks_per_unit, self.target.family))
+            self.calls += 1
+            stack, per_unit = self.target.stack, self.target.blocks_per_unit
+            self.blocks_uncached += stack.num_units * per_unit
+        # A track is one composition on one device: only this thread drives it.
         if track.last_sigma is None or sigma != track.last_sigma:
             cut = track.run.begin_step(timestep)
             track.last_sigma = sigma
@@ -89,11 +138,9 @@ class SkipCacheState:
         else:
             cut = self._repeat(track)
         track.calls += 1
-        self.calls += 1
-        stack, per_unit = self.target.stack, self.target.blocks_per_unit
-        self.blocks_run += len(stack.units_run(cut)) * per_unit
-        self.blocks_uncached += stack.num_units * per_unit
-        self.current_cut = cut
+        with self._lock:
+            self.blocks_run += len(stack.units_run(cut)) * per_unit
+        _ACTIVE.state, _ACTIVE.cut = self, cut
         return cut
 
     def _repeat(self, track: _Track) -> Optional[StackCut]:
@@ -106,14 +153,15 @@ class SkipCacheState:
 
     def end(self, key: Hashable, cut: Optional[StackCut], seconds: float) -> None:
         """After a successful model call: the rule's end of step (keep / drop the deep state), timing."""
-        self.current_cut = None
-        track = self.tracks[key]
+        _ACTIVE.state = _ACTIVE.cut = None
+        with self._lock:
+            track = self.tracks[key]
         track.run.end_step(cut)
         (track.cached_seconds if cut is not None and cut.cached is not None else track.full_seconds).append(seconds)
 
     def abort(self) -> None:
         """A model call raised (e.g. an interruption): forget the cut of the unfinished call."""
-        self.current_cut = None
+        _ACTIVE.state = _ACTIVE.cut = None
 
     # ------------------------------------------------------------------ statistics
 
@@ -142,20 +190,23 @@ class SkipCacheState:
         return uncached / cached if cached > 0 else None
 
     def describe_settings(self) -> str:
-        c = self.config
-        forecast = f", forecast order {c.forecast}" if c.forecast else ""  # none: the paper's reuse
-        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}"
+        return self.setup.describe_settings()
 
-    def summary(self, interrupted: bool = False) -> tuple[int, str]:
-        """(logging level, message) for the end of a run."""
+    def summary(self, outcome: str = "finished", others: Sequence[str] = ()) -> tuple[int, str]:
+        """(logging level, message) for the end of a run: outcome "finished", "interrupted" (the user
+        stopped it) or "failed" (an error); `others`: other caches on the same model, named so that
+        figures measured with both are not read as Skip-Cache's alone."""
         head = f"Skip-Cache [{self.target.label}, {self.describe_settings()}]"
+        if others:
+            head += f" (together with {', '.join(others)}: the figures below are of both)"
         stats = self.steps
+        interrupted = outcome != "finished"
         if stats is None:
-            return logging.INFO, f"{head}: {'stopped before' if interrupted else 'no'} model call"
+            return logging.INFO, f"{head}: {outcome + ' before a' if interrupted else 'no'} model call"
         speedup = self.measured_speedup()
         bound = stats.speedup_bound(self.config.depth, self.target.stack.num_units)
         msg = (
-            f"{head}: {'interrupted after ' if interrupted else ''}{stats.full_steps} full + {stats.cached_steps} cached"
+            f"{head}: {outcome + ' after ' if interrupted else ''}{stats.full_steps} full + {stats.cached_steps} cached"
             f" of {stats.steps} steps ({self.calls} model calls, {len(self.tracks)} batch composition"
             f"{'s' if len(self.tracks) != 1 else ''}); {self.blocks_run} of {self.blocks_uncached} blocks run;"
             f" model time {self.model_seconds():.2f} s, measured speedup "

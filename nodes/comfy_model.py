@@ -19,13 +19,14 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models_base
 
 from skipdit_core import models as core_models
 from skipdit_core.loading import Checkpoint, load_weights
 
 from . import adapters
-from .cache_state import STATE_KEY
+from .cache_state import STATE_KEY, current_cut
 
 # ----------------------------------------------------------------------------- latent formats
 
@@ -50,6 +51,9 @@ class PixelVideo(comfy.latent_formats.LatentFormat):
     latent_channels = 3
     latent_dimensions = 3
     scale_factor = 1.0
+    # Pixels are not downscaled: ComfyUI 0.38's empty-latent and resize paths read this (LatentFormat's
+    # default is 8, comfy/latent_formats.py); 0.3.64 does not have it.
+    spacial_downscale_ratio = 1
 
     def __init__(self):
         self.latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
@@ -95,9 +99,17 @@ class ComfyForward:
     model's forward, with the Skip-Cache cut of the current call (set by Apply Skip-Cache's APPLY_MODEL
     wrapper in transformer_options). Mixed in front of a skipdit_core model class."""
 
-    def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, encoder_attention_mask=None, **kwargs):
-        state = transformer_options.get(STATE_KEY)
-        cut = state.current_cut if state is not None else None
+    def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        # DIFFUSION_MODEL wrappers run here, as in core models' forward: core EasyCache and other caches
+        # that wrap the diffusion model act on ours too.
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._comfy_forward,
+            self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options),
+        ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    def _comfy_forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, encoder_attention_mask=None, **kwargs):
+        cut = current_cut(transformer_options.get(STATE_KEY))
         self._ensure_device(x.device)
         family, config = self.family, self.config
         h = adapters.to_model_layout(family, x)

@@ -82,7 +82,23 @@ def _core_hunyuan(sd: dict, path: str, weight_dtype: str, layout: str):
 
 
 def load(path: str, weight_dtype: str = "default"):
-    """(MODEL, one-line description) of a checkpoint file; ValueError with the reason otherwise."""
+    """(MODEL, one-line description) of a checkpoint file; ValueError with the reason otherwise.
+
+    The MODEL carries `cached_patcher_init`, how to load it again: ComfyUI 0.38's MultiGPU nodes
+    (`ModelPatcher.deepclone_multigpu`) build each device's own copy of the weights with it, as they
+    do for core's file loaders (`comfy/sd.py`); without it MultiGPU CFG Split refuses the model."""
+    patcher, info = _load(path, weight_dtype)
+    patcher.cached_patcher_init = (reload_patcher, (path, weight_dtype))
+    return patcher, info
+
+
+def reload_patcher(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
+    """A new, independent MODEL of the same file (the factory of `cached_patcher_init`; 0.38 passes
+    disable_dynamic for its CPU copies, which our patchers need no special handling for)."""
+    return load(path, weight_dtype)[0]
+
+
+def _load(path: str, weight_dtype: str):
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     keys = _safetensors_keys(path)

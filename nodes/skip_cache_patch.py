@@ -1,8 +1,9 @@
 """Apply Skip-Cache: MODEL -> MODEL, on the pack's Skip-DiT models and on ComfyUI's own Hunyuan-DiT.
 
 Built on `ModelPatcher.clone()` and ComfyUI's extension points only:
-- an OUTER_SAMPLE wrapper resets the per-run state before a sampling run and, in a `finally`, logs the
-  cached / full steps with the measured speedup and resets it again (also after an interruption);
+- an OUTER_SAMPLE wrapper gives each sampling run its own state (`SkipCacheSetup.new_run()`, in the run's
+  copy of transformer_options) and, in a `finally`, logs the cached / full steps with the measured
+  speedup, naming any other cache on the model, and tells a finished, an interrupted and a failed run apart;
 - an APPLY_MODEL wrapper decides every model call (`SkipCacheState.begin`, i.e. skipdit_core's
   `SkipCacheRun` per batch composition, the step identified by its sigma) and times it;
 - our models read the cut of the current call from transformer_options and pass it as `cut=`;
@@ -11,7 +12,7 @@ Built on `ModelPatcher.clone()` and ComfyUI's extension points only:
   push / pop of core's block loop stays outside the patches: bypassed shallow blocks push their input,
   bypassed deep blocks pop those same entries, so deep blocks L-k..L-1 still receive the fresh outputs of
   blocks k-1..0.
-The state lives in the clone's transformer_options: the input model is untouched, and removing the node
+The settings live in the clone's transformer_options: the input model is untouched, and removing the node
 removes the effect.
 """
 from __future__ import annotations
@@ -21,12 +22,13 @@ import time
 
 import torch
 
+import comfy.model_management
 import comfy.patcher_extension
 from comfy.ldm.hydit.models import HunYuanDiT
 from comfy_api.latest import io
 
 from . import adapters
-from .cache_state import STATE_KEY, CacheTarget, SkipCacheState
+from .cache_state import RUN_KEY, STATE_KEY, CacheTarget, SkipCacheSetup, current_cut
 from .comfy_model import SkipDiTModel
 
 WRAPPER_KEY = "skipdit_skip_cache"
@@ -57,33 +59,58 @@ def cache_target(model) -> CacheTarget:
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
-    """Around a whole sampling run (CFGGuider.outer_sample): fresh state, then the log line."""
+    """Around a whole sampling run (CFGGuider.outer_sample): this run's own state, then the log line.
+
+    The state goes into the guider's model_options, which CFGGuider.sample made a per-run copy of
+    (`create_model_options_clone`, nested dicts copied); it is taken out again after the run, so the
+    cached tensors go with it."""
     guider = executor.class_obj
-    state = guider.model_options.get("transformer_options", {}).get(STATE_KEY)
-    if state is None:
+    options = guider.model_options.get("transformer_options", {})
+    setup = options.get(STATE_KEY)
+    if setup is None:
         return executor(*args, **kwargs)
-    state.reset()
-    finished = False
+    state = setup.new_run()
+    previous = options.get(RUN_KEY)
+    options[RUN_KEY] = state
+    outcome = "failed"
     try:
         out = executor(*args, **kwargs)
-        finished = True
+        outcome = "finished"
         return out
+    except comfy.model_management.InterruptProcessingException:
+        outcome = "interrupted"
+        raise
     finally:
-        level, message = state.summary(interrupted=not finished)
+        if previous is None:
+            options.pop(RUN_KEY, None)
+        else:
+            options[RUN_KEY] = previous
+        level, message = state.summary(outcome=outcome, others=other_caches(guider.model_options))
         logging.log(level, message)
-        state.reset()  # drop the cached tensors with the run
+
+
+# Wrapper kinds through which other caches act (core EasyCache: DIFFUSION_MODEL, LazyCache: PREDICT_NOISE).
+_CACHE_WRAPPER_KINDS = (WRAPPERS.DIFFUSION_MODEL, WRAPPERS.PREDICT_NOISE, WRAPPERS.APPLY_MODEL, WRAPPERS.CALC_COND_BATCH)
+
+
+def other_caches(model_options: dict) -> list[str]:
+    """The keys of other nodes' wrappers that can skip model work (e.g. "easycache", "lazycache")."""
+    wrappers = model_options.get("transformer_options", {}).get("wrappers", {})
+    found = {key for kind in _CACHE_WRAPPER_KINDS for key, fns in wrappers.get(kind, {}).items() if fns and key != WRAPPER_KEY}
+    return sorted(found)
 
 
 def apply_model_wrapper(executor, *args, **kwargs):
     """Around BaseModel._apply_model(x, sigma, c_concat, c_crossattn, control, transformer_options, ...)."""
     x, sigma = args[0], args[1]
     options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-    state = options.get(STATE_KEY) if isinstance(options, dict) else None
-    if state is None:
+    state = options.get(RUN_KEY) if isinstance(options, dict) else None
+    if state is None:  # a call outside a sampling run of this model
         return executor(*args, **kwargs)
     base = executor.class_obj
     timestep = float(base.model_sampling.timestep(sigma.reshape(-1)[:1]).float()[0])
-    key = (tuple(options.get("uuids") or ()), tuple(options.get("cond_or_uncond") or ()), tuple(x.shape))
+    # one track per batch composition per device: each device keeps its own cached tensors
+    key = (tuple(options.get("uuids") or ()), tuple(options.get("cond_or_uncond") or ()), tuple(x.shape), str(x.device))
     cut = state.begin(key, float(sigma.reshape(-1)[0]), timestep)
     start = time.perf_counter()
     try:
@@ -100,12 +127,13 @@ def apply_model_wrapper(executor, *args, **kwargs):
 class HunyuanBlockPatch:
     """A `double_block` replace patch of ComfyUI's HunYuanDiT for block `index` in [k, L-k).
 
-    Callable object (not a closure): ModelPatcher.clone() deep-copies model_options, and the copy of the
-    patch must point at the copy of the state. `inner` is a patch another node had set on this block,
-    called instead of the original block (patches coexist)."""
+    It holds the settings only; the cut it follows is that of the model call running in its thread
+    (`current_cut`), so a patch shared between clones or driven by several device threads at once
+    stays right. `inner` is a patch another node had set on this block, called instead of the
+    original block (patches coexist)."""
 
-    def __init__(self, state: SkipCacheState, index: int, inner=None):
-        self.state = state
+    def __init__(self, setup: SkipCacheSetup, index: int, inner=None):
+        self.setup = setup
         self.index = index
         self.inner = inner
 
@@ -113,10 +141,10 @@ class HunyuanBlockPatch:
         return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
 
     def __call__(self, args, extra):
-        cut = self.state.current_cut
+        cut = current_cut(self.setup)
         if cut is None:
             return self._run(args, extra)
-        last = self.state.target.stack.num_units - cut.depth - 1  # block L-k-1: its output is the deep state
+        last = self.setup.target.stack.num_units - cut.depth - 1  # block L-k-1: its output is the deep state
         if cut.cached is not None:
             return {"img": cut.cached if self.index == last else args["img"]}
         out = self._run(args, extra)
@@ -207,9 +235,9 @@ class ApplySkipCache(io.ComfyNode):
             target.family, interval, settings, window_unit, start, end, depth, num_skips=target.stack.num_skips,
             forecast=forecast,
         )
-        state = SkipCacheState(config, target)  # checks k against the model's long skips
+        setup = SkipCacheSetup(config, target)  # checks k against the model's long skips
         patched = model.clone()
-        patched.model_options["transformer_options"][STATE_KEY] = state
+        patched.model_options["transformer_options"][STATE_KEY] = setup
         for kind, wrapper in ((WRAPPERS.OUTER_SAMPLE, outer_sample_wrapper), (WRAPPERS.APPLY_MODEL, apply_model_wrapper)):
             patched.remove_wrappers_with_key(kind, WRAPPER_KEY)  # applying the node twice: the last one wins
             patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
@@ -219,6 +247,6 @@ class ApplySkipCache(io.ComfyNode):
             L, k = target.stack.num_units, config.depth
             for i in range(k, L - k):
                 inner = existing.get(("double_block", i))
-                patched.set_model_patch_replace(HunyuanBlockPatch(state, i, inner), "dit", "double_block", i)
-        logging.info(f"Skip-Cache set up on {target.label}: {state.describe_settings()}")
+                patched.set_model_patch_replace(HunyuanBlockPatch(setup, i, inner), "dit", "double_block", i)
+        logging.info(f"Skip-Cache set up on {target.label}: {setup.describe_settings()}")
         return io.NodeOutput(patched)

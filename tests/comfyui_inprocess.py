@@ -196,17 +196,17 @@ def run_check(check, nodes, pack, base_dir, loaded):
         twice = skip_cache(apply, skip_cache(apply, model, 3, depth=2), 2)
         patch_mod = sys.modules[pack.__name__ + ".nodes.skip_cache_patch"]
         patches = twice.model_options["transformer_options"]["patches_replace"]["dit"]
-        state = twice.model_options["transformer_options"][state_mod.STATE_KEY]
+        setup = twice.model_options["transformer_options"][state_mod.STATE_KEY]
         result["twice"] = {
-            "interval": state.config.interval,
+            "interval": setup.config.interval,
             "patched_blocks": sorted(i for _, i in patches),
-            "own_state": all(p.state is state and p.inner is None for p in patches.values()),
+            "own_state": all(p.setup is setup and p.inner is None for p in patches.values()),
             "wrappers": [len(twice.get_wrappers(kind, patch_mod.WRAPPER_KEY)) for kind in ("outer_sample", "apply_model")],
         }
         result["steps"] = steps
         # Exact hand-over: a full call, then a cached call on the same input, through the patched model.
         patched = skip_cache(apply, model, 2)
-        state = patched.model_options["transformer_options"][state_mod.STATE_KEY]
+        state = patched.model_options["transformer_options"][state_mod.STATE_KEY].new_run()
         base = patched.model
         sigma = base.model_sampling.sigma(torch.tensor([500.0]))
         x = torch.randn(1, 4, 8, 8) * float(sigma)
@@ -214,7 +214,6 @@ def run_check(check, nodes, pack, base_dir, loaded):
                  "text_embedding_mask_t5": extra["attention_mask_mt5xl"], "image_meta_size": torch.tensor([[64.0, 64, 64, 64, 0, 0]])}
         options = patched.model_options["transformer_options"]
         outs = []
-        state.reset()
         for i, step_sigma in enumerate((1.0, 0.5)):  # two steps: full (captures), then cached (n=2)
             cut = state.begin("k", step_sigma, 500.0)
             outs.append((cut is not None and cut.cached is not None, base.apply_model(x, sigma, transformer_options=options, **conds)))
@@ -310,11 +309,109 @@ def run_check(check, nodes, pack, base_dir, loaded):
         result.update(pixel_clamp(nodes, pack, loader, apply, base_dir))
     elif check == "v_prediction":
         result.update(pixel_clamp(nodes, pack, loader, apply, base_dir, "latte-tiny-pixels-v.safetensors", "v"))
+    elif check == "reload":
+        # MultiGPU's per-device copies (0.38 deepclone_multigpu) call cached_patcher_init[0](*[1]).
+        for name in ("latte-tiny-pixels-skip.safetensors", "hunyuan-core-tiny.safetensors"):
+            model = loader.execute(name, "fp32").args[0]
+            factory, fargs = model.cached_patcher_init
+            copy = factory(*fargs, disable_dynamic=True)
+            a, b = model.model.diffusion_model.state_dict(), copy.model.diffusion_model.state_dict()
+            result[name] = {
+                "independent": copy.model is not model.model,
+                "same_weights": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+                "has_init": getattr(copy, "cached_patcher_init", None) is not None,
+            }
+    elif check == "compile":
+        # Apply Skip-Cache on a model that went through core's torch.compile wrapper (TorchCompileModel's
+        # set_torch_compile_wrapper; backend "eager": dynamo's tracing without a C++ toolchain), both orders.
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        model = loader.execute("latte-tiny-pixels-skip.safetensors", "fp32").args[0]
+        label = nodes.NODE_CLASS_MAPPINGS["SkipDiTClassLabel"].execute(1).args
+        latent = {"samples": torch.zeros(1, 3, 4, 8, 8)}
+        plain = run_sampler(nodes, skip_cache(apply, model, 2), label[0], label[1], latent, 6, 3.0)
+        compiled = model.clone()
+        set_torch_compile_wrapper(model=compiled, backend="eager")
+        after = run_sampler(nodes, skip_cache(apply, compiled, 2), label[0], label[1], latent, 6, 3.0)
+        before = skip_cache(apply, model, 2).clone()
+        set_torch_compile_wrapper(model=before, backend="eager")
+        first = run_sampler(nodes, before, label[0], label[1], latent, 6, 3.0)
+        result["compile_then_cache"] = float((after - plain).abs().max())
+        result["cache_then_compile"] = float((first - plain).abs().max())
+    elif check == "threads":
+        result.update(thread_check(nodes, pack, loader, apply))
     elif check == "bundled":
         result.update(bundled_models(pack, loader, base_dir))
     else:
         raise SystemExit(f"unknown check {check!r}")
     return result
+
+
+def thread_check(nodes, pack, loader, apply) -> dict:
+    """Two threads driving one patched model at once, as MultiGPU CFG Split's device workers do (cond in
+    one, uncond in the other, the same run), against the same calls made one after the other: with our
+    Latte and with core Hunyuan-DiT's block patches. Outputs must be identical."""
+    import threading
+
+    import torch
+
+    state_mod = sys.modules[pack.__name__ + ".nodes.cache_state"]
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "latte": ("latte-tiny-pixels-skip.safetensors", torch.randn(1, 3, 4, 8, 8, generator=g),
+                  [{"y": torch.tensor([1])}, {"y": torch.tensor([4])}]),
+        "hunyuan": ("hunyuan-core-tiny.safetensors", torch.randn(1, 4, 8, 8, generator=g), [
+            {"c_crossattn": torch.randn(1, 77, 1024, generator=g) * 0.5, "text_embedding_mask": torch.ones(1, 77),
+             "encoder_hidden_states_t5": torch.randn(1, 256, 2048, generator=g) * 0.5,
+             "text_embedding_mask_t5": torch.ones(1, 256), "image_meta_size": torch.tensor([[64.0, 64, 64, 64, 0, 0]])}
+            for _ in range(2)]),
+    }
+    for name, (file, x, conds) in cases.items():
+        patched = skip_cache(apply, loader.execute(file, "fp32").args[0], 2)
+        base = patched.model
+        setup = patched.model_options["transformer_options"][state_mod.STATE_KEY]
+        sigmas = [base.model_sampling.sigma(torch.tensor([t])) for t in (900.0, 700.0, 500.0, 300.0, 100.0, 20.0)]
+
+        def call(state, i, sigma):
+            # what a sampling run's transformer_options hold (prepare_model_patcher merges the wrappers in)
+            options = dict(patched.model_options["transformer_options"], uuids=[f"cond-{i}"], cond_or_uncond=[i],
+                           wrappers=patched.wrappers)
+            options[state_mod.RUN_KEY] = state
+            with torch.no_grad():
+                return base.apply_model(x * float(sigma), sigma, transformer_options=options, **conds[i])
+
+        run = setup.new_run()
+        sequential = [[None] * len(sigmas) for _ in range(2)]
+        for s, sigma in enumerate(sigmas):
+            for i in range(2):
+                sequential[i][s] = call(run, i, sigma)
+        run = setup.new_run()
+        threaded = [[None] * len(sigmas) for _ in range(2)]
+        barrier, errors = threading.Barrier(2), []
+
+        def device(i):
+            try:
+                for s, sigma in enumerate(sigmas):
+                    barrier.wait()  # both devices inside the same step
+                    threaded[i][s] = call(run, i, sigma)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=device, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        kinds = "".join(next(iter(run.tracks.values())).run.stats.schedule)
+        out[name] = {
+            "errors": errors,
+            "identical": not errors and all(torch.equal(a, b) for i in range(2) for a, b in zip(sequential[i], threaded[i])),
+            "schedule": kinds,
+            "tracks": len(run.tracks),
+            "calls": run.calls,
+        }
+    return out
 
 
 def pixel_clamp(nodes, pack, loader, apply, base_dir, name="latte-tiny-pixels-skip.safetensors", prediction="eps") -> dict:
@@ -331,6 +428,8 @@ def pixel_clamp(nodes, pack, loader, apply, base_dir, name="latte-tiny-pixels-sk
     model = loader.execute(name, "fp32").args[0]
     post_cfg = lambda m: m.model_options.get("sampler_post_cfg_function", [])  # noqa: E731
     out = {"pixel_has_clamp": post_cfg(model).count(clamp) == 1}
+    # 0.38's empty-latent / resize paths divide pixel sizes by this; pixels are not downscaled
+    out["spacial_downscale_ratio"] = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", None)
     out["clamp_survives_clone"] = clamp in post_cfg(skip_cache(apply, model, 2)) and clamp in post_cfg(model.clone())
     out["latent_models_without_clamp"] = {
         n: clamp not in post_cfg(loader.execute(n, "default").args[0])

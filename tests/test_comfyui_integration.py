@@ -268,7 +268,7 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
+    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
         [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
@@ -318,6 +318,27 @@ def test_latte_t2v_with_cond_and_uncond_in_separate_batches(inprocess):
     assert "3 full + 3 cached of 6 steps (12 model calls, 2 batch compositions)" in line
 
 
+def test_skip_cache_on_a_torch_compiled_model(inprocess):
+    r = inprocess["compile"]  # the same sampling as without compile, in either order of the two nodes
+    assert r["compile_then_cache"] < 1e-5 and r["cache_then_compile"] < 1e-5, r
+
+
+def test_loaded_models_can_be_loaded_again_for_each_device(inprocess):
+    """cached_patcher_init, which 0.38's MultiGPU CFG Split needs to give every device its own copy."""
+    r = inprocess["reload"]
+    for name in ("latte-tiny-pixels-skip.safetensors", "hunyuan-core-tiny.safetensors"):
+        assert r[name] == {"independent": True, "same_weights": True, "has_init": True}, name
+
+
+@pytest.mark.parametrize("family", ["latte", "hunyuan"])
+def test_two_device_threads_of_one_run_equal_the_same_calls_one_after_the_other(inprocess, family):
+    """MultiGPU CFG Split's shape: cond and uncond in two threads at once, one run (our Latte; core
+    Hunyuan-DiT through its block patches)."""
+    r = inprocess["threads"][family]
+    assert r["errors"] == [] and r["identical"], r
+    assert r["tracks"] == 2 and r["calls"] == 12 and "C" in r["schedule"]
+
+
 def test_latte_t2v_with_the_authors_null_caption_key_loads_with_the_same_outputs(inprocess):
     assert inprocess["null_caption"]["same_outputs"]
 
@@ -345,6 +366,7 @@ def test_heun_two_model_calls_per_step(inprocess):
 def test_pixel_space_x0_clamped_as_the_pipeline_does(inprocess):
     r = inprocess["pixel_clamp"]
     assert r["pixel_has_clamp"] and r["clamp_survives_clone"]  # Apply Skip-Cache / any clone keeps it
+    assert r["spacial_downscale_ratio"] == 1  # pixel latents are full resolution (ComfyUI 0.38 reads it)
     assert r["latent_models_without_clamp"] == {"latte-t2v-tiny-skip.safetensors": True, "dit-tiny-skip.safetensors": True}
     assert r["timesteps"] == list(range(901, 0, -100))  # ComfyUI's ddim_uniform, 10 steps
     # KSampler ddim + ddim_uniform with CFG = skipdit_core's DDIM with clip_denoised (the pipeline's sampler

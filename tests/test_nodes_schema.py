@@ -18,7 +18,7 @@ import torch
 
 from helpers import randomize
 from nodes import adapters
-from nodes.cache_state import CacheTarget, SkipCacheState
+from nodes.cache_state import STATE_KEY, CacheTarget, SkipCacheSetup, SkipCacheState, current_cut
 from skipdit_core import models
 from skipdit_core.diffusion import DDIMSampler, Schedule, linear_betas
 from skipdit_core.models import UStack
@@ -260,8 +260,12 @@ def test_cache_config_auto_custom_and_percent():
 TIMESTEPS = [float(t) for t in range(999, -1, -50)]  # 20 steps, 999 -> 49
 
 
-def _state(interval=2, start=700.0, end=50.0, depth=1, units=8, skips=3) -> SkipCacheState:
-    return SkipCacheState(SkipCacheConfig(interval, start, end, depth), CacheTarget("latte", "Latte", UStack(units, skips), 2))
+def _setup(interval=2, start=700.0, end=50.0, depth=1, units=8, skips=3) -> SkipCacheSetup:
+    return SkipCacheSetup(SkipCacheConfig(interval, start, end, depth), CacheTarget("latte", "Latte", UStack(units, skips), 2))
+
+
+def _state(**kwargs) -> SkipCacheState:
+    return _setup(**kwargs).new_run()
 
 
 def _step(state, key, t, sigma=None, deep=None):
@@ -326,18 +330,86 @@ def test_interval_one_never_cuts():
     assert "n=1 caches nothing" in state.summary()[1]
 
 
-def test_reset_clone_and_abort_leave_no_stale_state():
-    state = _state()
+def test_runs_clones_and_abort_leave_no_stale_state():
+    """The settings are all a patched model holds; each run starts empty, under either copy semantics
+    of ModelPatcher.clone(): ComfyUI 0.3.64 deep-copies transformer_options, 0.38 copies its dicts
+    and lists only and shares every other object."""
+    setup = _setup()
+    state = setup.new_run()
     for t in TIMESTEPS[:5]:
         _step(state, "k", t)
     state.begin("k", 0.5, 400.0)
+    assert state.current_cut is not None and current_cut(setup) is state.current_cut
     state.abort()  # an interrupted call
-    assert state.current_cut is None
-    clone = copy.deepcopy(state)
-    assert clone.config == state.config and clone.tracks == {} and clone.steps is None
-    state.reset()
-    assert state.tracks == {} and state.calls == 0 and state.steps is None
-    assert _kinds([_step(state, "k", t) for t in TIMESTEPS[:3]]) == "FFF"  # starts afresh: t >= 700
+    assert state.current_cut is None and current_cut(setup) is None
+    options = {"transformer_options": {STATE_KEY: setup, "patches_replace": {"dit": {}}}}
+    deep = copy.deepcopy(options)  # 0.3.64
+    shallow = {"transformer_options": dict(options["transformer_options"])}  # 0.38: the object is shared
+    for copied in (deep, shallow):
+        again = copied["transformer_options"][STATE_KEY]
+        assert again is setup  # immutable settings: sharing them is harmless
+        run = again.new_run()
+        assert run is not state and run.tracks == {} and run.steps is None
+        assert _kinds([_step(run, "k", t) for t in TIMESTEPS[:3]]) == "FFF"  # starts afresh: t >= 700
+    assert len(state.tracks) == 1 and state.steps.steps == 6  # the first run is untouched by the others
+
+
+def _threaded(fn, n):
+    """Run fn(i) in n threads that start together; their results in order."""
+    import threading
+
+    barrier, out, errors = threading.Barrier(n), [None] * n, []
+
+    def body(i):
+        try:
+            barrier.wait()
+            out[i] = fn(i)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return out
+
+
+def test_device_threads_of_one_run_keep_their_own_cuts_and_caches():
+    """MultiGPU CFG Split (0.38): cond and uncond on two devices, each in its own thread, same run.
+    Every thread sees its own cut while the others run; decisions are the same on every device and
+    equal to one-after-the-other calls; each device caches its own deep state; one set of stats."""
+    import time
+
+    TS = TIMESTEPS[:12]
+    sequential = _state()
+    for t in TS:
+        for key in ("cond@cuda:0", "uncond@cuda:1"):
+            _step(sequential, key, t, deep=torch.full((1,), t if key.startswith("cond") else -t))
+    setup = _setup()
+    state = setup.new_run()
+
+    def device(i):
+        key, sign = (("cond@cuda:0", 1.0), ("uncond@cuda:1", -1.0))[i]
+        seen = []
+        for t in TS:
+            cut = state.begin(key, t, t)
+            time.sleep(0.002)  # the other thread begins its call meanwhile
+            assert current_cut(setup) is cut and state.current_cut is cut  # not the other thread's
+            if cut is not None and cut.cached is None:
+                cut.captured = torch.full((1,), sign * t)
+            seen.append(cut)
+            state.end(key, cut, 0.01)
+        return seen
+
+    cond, uncond = _threaded(device, 2)
+    assert _kinds(cond) == _kinds(uncond) == "".join(sequential.tracks["cond@cuda:0"].run.stats.schedule)
+    for c, u in zip(cond, uncond):
+        if c.cached is not None:
+            assert float(c.cached) == -float(u.cached) > 0  # each device feeds its own cached tensor
+    assert state.calls == sequential.calls == 24 and state.blocks_run == sequential.blocks_run
+    assert len(state.tracks) == 2 and current_cut(setup) is None
 
 
 def test_summary_reports_and_warns():
@@ -351,7 +423,9 @@ def test_summary_reports_and_warns():
     # medians: full calls 0.01 s, cached 0.004 s
     expected = 20 * 0.01 / (s.full_steps * 0.01 + s.cached_steps * 0.004)
     assert state.measured_speedup() == pytest.approx(expected)
-    assert "interrupted after" in state.summary(interrupted=True)[1]
+    assert "interrupted after" in state.summary(outcome="interrupted")[1]
+    assert "failed after" in state.summary(outcome="failed")[1]  # an error is not an interruption
+    assert "(together with easycache: the figures below are of both)" in state.summary(others=["easycache"])[1]
     never = _state(start=100.0, end=50.0)
     for t in TIMESTEPS[:10]:  # all steps at t >= 549: above the window's start
         _step(never, "k", t)
@@ -369,7 +443,7 @@ def test_depth_is_checked_against_the_model():
 def test_node_state_follows_the_familys_window_end_rule(family, strict):
     """A sampler step that lands on t = end: Latte class-to-video keeps the cache past it (t < end)."""
     config = SkipCacheConfig(interval=2, start=1000, end=50)
-    state = SkipCacheState(config, CacheTarget(family, family, UStack(6, 3)))
+    state = SkipCacheSetup(config, CacheTarget(family, family, UStack(6, 3))).new_run()
     kinds = []
     for i, t in enumerate([900, 800, 50, 40, 30]):
         cut = state.begin("batch", sigma=float(10 - i), timestep=float(t))

@@ -346,3 +346,31 @@ def test_forecast_setting_is_checked_and_named():
     assert SkipCacheConfig(interval=3, forecast=2).describe() == "n=3 700->50 k=1 forecast=2"
     assert SkipCacheConfig(interval=3).describe() == "n=3 700->50 k=1"
     assert SkipCacheConfig.from_percent(0.3, 0.95, 2, 1, forecast=1).forecast == 1
+
+
+def test_torch_compile_keeps_two_stable_graphs_full_and_cached():
+    """torch.compile(model) (CPU inductor) over a Skip-Cache run with a forecast: one graph for the full
+    steps (capturing the cut state), one for the cached ones, no recompilation after the first of each."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny("dit", depth=4, hidden_size=32, num_heads=2)
+    inp = inputs("dit", model)
+    compiled = torch.compile(model)
+    config = SkipCacheConfig(interval=2, start=1000, end=0, forecast=1)
+    eager, _ = run_loop(model, inp, config, timesteps=TIMESTEPS)
+    run = SkipCacheRun.for_model(config, model)
+    x = inp["x"].clone()
+    graphs = []
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            cut = run.begin_step(t)
+            out = compiled(x, torch.full((2,), float(t)), inp["y"], cut=cut)
+            run.end_step(cut)
+            x = x - 0.1 * out.narrow(1, 0, x.shape[1])
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert run.stats.schedule[:4] == ["F", "C", "F", "C"]
+    assert graphs[1] == graphs[-1] == 2  # full + cached, compiled once each
+    assert torch.allclose(x, eager, atol=1e-4)

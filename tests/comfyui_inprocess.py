@@ -157,7 +157,7 @@ def main():
     for check in checks.split(","):
         records.messages.clear()
         result = run_check(check, nodes, pack, base_dir, loaded=bool(ok))
-        result["log"] = [m for m in records.messages if m.startswith("Skip-Cache")]
+        result["log"] = [m for m in records.messages if m.startswith(("Skip-Cache", "EasyCache - "))]
         print("RESULT " + json.dumps({"check": check, **result}), flush=True)
 
 
@@ -321,6 +321,19 @@ def run_check(check, nodes, pack, base_dir, loaded):
                 "same_weights": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
                 "has_init": getattr(copy, "cached_patcher_init", None) is not None,
             }
+    elif check == "easycache":
+        # Core EasyCache acts through the DIFFUSION_MODEL wrapper, which our forward runs; with Apply
+        # Skip-Cache as well, our log line names it.
+        from comfy_extras.nodes_easycache import EasyCacheNode as easy  # core's, not registered by `import nodes`
+
+        model = loader.execute("latte-tiny-pixels-skip.safetensors", "fp32").args[0]
+        label = nodes.NODE_CLASS_MAPPINGS["SkipDiTClassLabel"].execute(1).args
+        latent = {"samples": torch.zeros(1, 3, 4, 8, 8)}
+        plain = run_sampler(nodes, model, label[0], label[1], latent, 12, 3.0)
+        cached = run_sampler(nodes, easy.execute(model, 3.0, 0.0, 1.0, False).args[0], label[0], label[1], latent, 12, 3.0)
+        result["easycache_changed_output"] = not bool(torch.equal(plain, cached))
+        both = easy.execute(skip_cache(apply, model, 2), 3.0, 0.0, 1.0, False).args[0]
+        run_sampler(nodes, both, label[0], label[1], latent, 12, 3.0)
     elif check == "compile":
         # Apply Skip-Cache on a model that went through core's torch.compile wrapper (TorchCompileModel's
         # set_torch_compile_wrapper; backend "eager": dynamo's tracing without a C++ toolchain), both orders.

@@ -268,7 +268,7 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
+    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
         [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
@@ -316,6 +316,15 @@ def test_latte_t2v_with_cond_and_uncond_in_separate_batches(inprocess):
     assert r["block_calls_n2"] < r["block_calls_n1"] == r["block_calls_plain"]
     (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Latte T2V, n=2")]
     assert "3 full + 3 cached of 6 steps (12 model calls, 2 batch compositions)" in line
+
+
+def test_core_easycache_acts_on_our_models_and_is_named_beside_skip_cache(inprocess):
+    r = inprocess["easycache"]
+    assert r["easycache_changed_output"]
+    skipped = [m for m in r["log"] if m.startswith("EasyCache - skipped")]
+    assert skipped and not skipped[0].startswith("EasyCache - skipped 0/"), r["log"]
+    (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Latte, n=2")]
+    assert "(together with easycache: the figures below are of both)" in line
 
 
 def test_skip_cache_on_a_torch_compiled_model(inprocess):

@@ -6,12 +6,12 @@
 //   node tests/comfyui_frontend_check.js URL OUT.json SHOT_DIR WORKFLOW.json [...]
 //
 // SHOT_DIR/<workflow name>.png: a screenshot of each loaded workflow. puppeteer-core is taken from
-// $SKIPDIT_BROWSER_TOOLS (default /work/browser-tools, an npm folder with puppeteer-core installed),
+// $SKIPDIT_BROWSER_TOOLS (default tests/browser, installed there with `npm ci` from its package.json),
 // Chromium from $CHROME_PATH (default /usr/bin/chromium). Used by tests/test_comfyui_workflows.py.
 const fs = require('fs');
 const path = require('path');
 
-const tools = process.env.SKIPDIT_BROWSER_TOOLS || '/work/browser-tools';
+const tools = process.env.SKIPDIT_BROWSER_TOOLS || path.join(__dirname, 'browser');
 const puppeteer = require(require.resolve('puppeteer-core', { paths: [tools, path.join(tools, 'node_modules')] }));
 const [url, outFile, shotDir, ...files] = process.argv.slice(2);
 

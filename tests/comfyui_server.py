@@ -59,6 +59,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(base), "--database-url", f"sqlite:///{base}/user/comfyui.db"]
+        if os.environ.get("SKIPDIT_FRONTEND_ROOT"):  # another frontend, e.g. 1.58.1's static/ (ComfyUI 0.38's)
+            cmd += ["--front-end-root", os.environ["SKIPDIT_FRONTEND_ROOT"]]
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=child_env())
 

@@ -88,6 +88,16 @@ def to_model_layout(family: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """A latent [..., H, W] padded on the bottom / right to multiples of the patch size, circularly, as
+    core ComfyUI models do (`comfy.ldm.common_dit.pad_to_patch_size`): any latent size samples, and the
+    caller crops the output back to H x W."""
+    ph, pw = (-x.shape[-2]) % patch, (-x.shape[-1]) % patch
+    if not ph and not pw:
+        return x
+    return torch.nn.functional.pad(x, (0, pw, 0, ph) + ((0, 0) if x.ndim == 5 else ()), mode="circular")
+
+
 def to_comfy_output(family: str, out: torch.Tensor, in_channels: int) -> torch.Tensor:
     """Our model's output -> ComfyUI's layout, without the learned-variance channels.
 
@@ -214,17 +224,17 @@ WINDOW_UNITS = ("timesteps", "percent")
 
 def cache_config(
     family: str, interval: int, settings: str, unit: str, start: float, end: float, depth: int,
-    num_skips: Optional[int] = None, forecast: int = 0,
+    max_depth: Optional[int] = None, forecast: int = 0,
 ) -> SkipCacheConfig:
     """The SkipCacheConfig of the Apply Skip-Cache node's inputs.
 
     settings "auto": the authors' window and depth for the family (n from the input), the depth capped at
-    the model's `num_skips` (DiT's k=4 is for DiT-XL's 14 skips); "custom": start / end in training
+    the model's `max_depth` (long skips, and 2k < units: DiT's k=4 is for DiT-XL's 28 blocks); "custom": start / end in training
     timesteps 0..1000 (unit "timesteps") or in percent of sampling progress 0..100 (unit "percent",
     0 % = t 1000), and the depth k. forecast (0, 1, 2) applies to both."""
     if settings == "auto":
         base = AUTHORS_SETTINGS[family]
-        k = base.depth if not num_skips else min(base.depth, num_skips)
+        k = base.depth if not max_depth else min(base.depth, max_depth)
         return SkipCacheConfig(interval=int(interval), start=base.start, end=base.end, depth=k, forecast=int(forecast))
     if settings != "custom":
         raise ValueError(f"settings must be 'auto' or 'custom', got {settings!r}")
@@ -232,6 +242,11 @@ def cache_config(
         for name, value in (("start", start), ("end", end)):
             if not 0 <= value <= 100:
                 raise ValueError(f"Skip-Cache {name} in percent must be in 0..100, got {value}")
+        if start >= end:
+            raise ValueError(
+                f"Skip-Cache window: start {start:g}% must come before its end {end:g}% (percent of sampling "
+                "progress: 0% is the first step, 100% the last)"
+            )
         return SkipCacheConfig.from_percent(start / 100.0, end / 100.0, int(interval), int(depth), int(forecast))
     if unit != "timesteps":
         raise ValueError(f"window unit must be one of {WINDOW_UNITS}, got {unit!r}")

@@ -112,19 +112,26 @@ class ComfyForward:
         cut = current_cut(transformer_options.get(STATE_KEY))
         self._ensure_device(x.device)
         family, config = self.family, self.config
-        h = adapters.to_model_layout(family, x)
+        size = x.shape[-2:]
+        h = adapters.to_model_layout(family, adapters.pad_to_patch(x, config.patch_size))
         if family == "latte_t2v":
             if context is None:
                 raise ValueError("Latte T2V needs text conditioning: use Latte T2V Text Encode with a T5-XXL text encoder")
             out = super().forward(h, timesteps, context, encoder_attention_mask, cut=cut)
         else:
+            if family == "latte" and h.shape[1] > config.num_frames and not getattr(self, "_warned_frames", False):
+                self._warned_frames = True  # once per model: the sampler calls it every step
+                logging.warning(
+                    f"Skip-DiT: {h.shape[1]} frames for a Latte trained on {config.num_frames}: the temporal position "
+                    "table is extended beyond what it was trained on, expect lower quality"
+                )
             labelled = config.num_classes > 0
             if labelled and y is None:
                 raise ValueError(
                     f"this {adapters.FAMILY_LABELS[family]} model is class-conditional: condition it with Skip-DiT Class Label"
                 )
             out = super().forward(h, timesteps, y if labelled else None, cut=cut)
-        return adapters.to_comfy_output(family, out, config.in_channels)
+        return adapters.to_comfy_output(family, out, config.in_channels)[..., : size[0], : size[1]]
 
     def _ensure_device(self, device: torch.device) -> None:
         # ModelPatcher moves leaf modules only (partial loads): tensors held by non-leaf modules (position

@@ -27,7 +27,7 @@ class EmptyLatteLatent(io.ComfyNode):
             inputs=[
                 io.Int.Input("width", default=256, min=8, max=8192, step=8, tooltip="Pixels."),
                 io.Int.Input("height", default=256, min=8, max=8192, step=8, tooltip="Pixels."),
-                io.Int.Input("length", default=16, min=1, max=1024, tooltip="Frames (Latte: at most the model's num_frames / video_length)."),
+                io.Int.Input("length", default=16, min=1, max=1024, tooltip="Frames. Latte class-to-video: up to the model's num_frames as trained; more run with an extended temporal position table and a warning in the log. Latte T2V: at most its video_length (16), more are refused."),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Combo.Input("space", options=list(SPACES), default=next(iter(SPACES)),
                                tooltip="What the model denoises: SD VAE latents (the released Latte models) or pixels."),

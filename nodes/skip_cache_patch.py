@@ -232,7 +232,7 @@ class ApplySkipCache(io.ComfyNode):
     def execute(cls, model, interval, settings, window_unit, start, end, depth, forecast=0) -> io.NodeOutput:
         target = cache_target(model)
         config = adapters.cache_config(
-            target.family, interval, settings, window_unit, start, end, depth, num_skips=target.stack.num_skips,
+            target.family, interval, settings, window_unit, start, end, depth, max_depth=target.stack.max_depth,
             forecast=forecast,
         )
         setup = SkipCacheSetup(config, target)  # checks k against the model's long skips

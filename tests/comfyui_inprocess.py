@@ -156,12 +156,12 @@ def main():
     pack = sys.modules[pack_dir.replace(".", "_x_")]
     for check in checks.split(","):
         records.messages.clear()
-        result = run_check(check, nodes, pack, base_dir, loaded=bool(ok))
+        result = run_check(check, nodes, pack, base_dir, loaded=bool(ok), records=records)
         result["log"] = [m for m in records.messages if m.startswith(("Skip-Cache", "EasyCache - "))]
         print("RESULT " + json.dumps({"check": check, **result}), flush=True)
 
 
-def run_check(check, nodes, pack, base_dir, loaded):
+def run_check(check, nodes, pack, base_dir, loaded, records=None):
     import torch
 
     loader = nodes.NODE_CLASS_MAPPINGS["SkipDiTModelLoader"]
@@ -321,6 +321,20 @@ def run_check(check, nodes, pack, base_dir, loaded):
                 "same_weights": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
                 "has_init": getattr(copy, "cached_patcher_init", None) is not None,
             }
+    elif check == "odd_sizes":
+        # Latents that are not a multiple of the patch (core Empty Latent Image at 72 px gives 9 x 9 for DiT;
+        # 8 px a 1 x 1 latent), and a Latte with more frames than it was trained on.
+        dit = loader.execute("dit-tiny-skip.safetensors", "fp32").args[0]
+        label = nodes.NODE_CLASS_MAPPINGS["SkipDiTClassLabel"].execute(1).args
+        shapes = {}
+        for size in ((9, 9), (1, 1), (8, 6)):
+            out = run_sampler(nodes, skip_cache(apply, dit, 2), label[0], label[1], {"samples": torch.zeros(1, 4, *size)}, 3, 2.0)
+            shapes[f"{size[0]}x{size[1]}"] = [list(out.shape), bool(torch.isfinite(out).all())]
+        latte = loader.execute("latte-tiny-pixels-skip.safetensors", "fp32").args[0]
+        out = run_sampler(nodes, latte, label[0], label[1], {"samples": torch.zeros(1, 3, 6, 9, 7)}, 3, 2.0)
+        shapes["latte 6 frames 9x7"] = [list(out.shape), bool(torch.isfinite(out).all())]
+        result["shapes"] = shapes
+        result["warnings"] = [m for m in records.messages if m.startswith("Skip-DiT:")]
     elif check == "easycache":
         # Core EasyCache acts through the DIFFUSION_MODEL wrapper, which our forward runs; with Apply
         # Skip-Cache as well, our log line names it.

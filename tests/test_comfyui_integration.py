@@ -188,7 +188,7 @@ def test_dit_auto_settings_and_clear_errors(server, base_dir):
     assert entry["status"]["status_str"] == "success", error_text(entry) + log[-2000:]
     assert load_latent(base_dir, "dit").shape == (1, 4, 8, 8)
     (s,) = summaries(log)
-    assert "window t 1000 -> 20, depth k=2" in log  # DiT's authors' window; k=4 capped at this model's 2 skips
+    assert "window t 1000 -> 20, depth k=1" in log  # DiT's authors' window; k=4 capped: 4 blocks, 2k < 4
     assert int(s["cached"]) > 0
     entry, _ = server.run(dit("dit-tiny-vanilla.safetensors", "vanilla"))
     assert entry["status"]["status_str"] == "error" and "no long skips" in error_text(entry)
@@ -268,7 +268,7 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
+    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,odd_sizes,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
         [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
@@ -316,6 +316,14 @@ def test_latte_t2v_with_cond_and_uncond_in_separate_batches(inprocess):
     assert r["block_calls_n2"] < r["block_calls_n1"] == r["block_calls_plain"]
     (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Latte T2V, n=2")]
     assert "3 full + 3 cached of 6 steps (12 model calls, 2 batch compositions)" in line
+
+
+def test_latents_of_any_size_and_extra_frames_sample(inprocess):
+    r = inprocess["odd_sizes"]["shapes"]  # padded to the patch and cropped back, as core models do
+    assert r == {"9x9": [[1, 4, 9, 9], True], "1x1": [[1, 4, 1, 1], True], "8x6": [[1, 4, 8, 6], True],
+                 "latte 6 frames 9x7": [[1, 3, 6, 9, 7], True]}
+    warned = [m for m in inprocess["odd_sizes"]["warnings"] if "6 frames for a Latte trained on 4" in m]
+    assert len(warned) == 1  # once, not every step
 
 
 def test_core_easycache_acts_on_our_models_and_is_named_beside_skip_cache(inprocess):

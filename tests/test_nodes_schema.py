@@ -246,13 +246,37 @@ def test_core_hunyuan_stack_matches_its_push_pop_loop():
 def test_cache_config_auto_custom_and_percent():
     assert adapters.cache_config("latte", 3, "auto", "timesteps", 0, 0, 9) == SkipCacheConfig(3, 900, 50, 1)
     assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1) == SkipCacheConfig(2, 1000, 20, 4)
-    assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1, num_skips=2).depth == 2  # capped
+    assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1, max_depth=2).depth == 2  # capped
     assert adapters.cache_config("hunyuan", 2, "custom", "timesteps", 800, 100, 2) == SkipCacheConfig(2, 800, 100, 2)
     assert adapters.cache_config("latte_t2v", 2, "custom", "percent", 30, 95, 1) == SkipCacheConfig(2, 700, 50, 1)
     with pytest.raises(ValueError, match="0..100"):
         adapters.cache_config("latte", 2, "custom", "percent", 300, 95, 1)
     with pytest.raises(ValueError, match="above its end"):
         adapters.cache_config("latte", 2, "custom", "timesteps", 50, 700, 1)
+    # a reversed window in percent is reported in the percent the user typed
+    with pytest.raises(ValueError, match=r"start 95% must come before its end 30%"):
+        adapters.cache_config("latte", 2, "custom", "percent", 95, 30, 1)
+
+
+def test_a_depth_that_would_skip_nothing_is_refused_and_auto_never_picks_it():
+    """DiT of 8 blocks, 4 long skips: k = 4 runs 4 + 4 = every block on a "cached" step."""
+    stack = UStack(8, 4)
+    assert stack.max_depth == 3
+    with pytest.raises(ValueError, match=r"k=4 skips nothing on this model: .* 8 units, 8 units; k must be in 1\.\.3"):
+        stack.check_depth(4)
+    stack.check_depth(3)
+    assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1, max_depth=stack.max_depth).depth == 3
+    assert UStack(28, 14).max_depth == 13 and UStack(14, 7).max_depth == 6 and UStack(40, 19).max_depth == 19
+
+
+def test_latents_of_any_size_are_padded_to_the_patch_and_cropped_back():
+    x = torch.arange(2 * 3 * 9 * 7, dtype=torch.float32).reshape(1, 2, 3, 9, 7)  # video, 9 x 7, patch 2
+    padded = adapters.pad_to_patch(x, 2)
+    assert padded.shape == (1, 2, 3, 10, 8) and torch.equal(padded[..., :9, :7], x)
+    assert torch.equal(padded[..., 9, :7], x[..., 0, :])  # circular, as core models pad
+    image = torch.randn(1, 4, 1, 1)  # smaller than the patch
+    assert adapters.pad_to_patch(image, 2).shape == (1, 4, 2, 2)
+    assert adapters.pad_to_patch(torch.randn(1, 4, 8, 8), 2).shape == (1, 4, 8, 8)
 
 
 # ----------------------------------------------------------------------------- the per-run state

@@ -201,8 +201,10 @@ def test_invalid_parameters(kwargs, message):
 
 
 def test_depth_out_of_range_and_vanilla_models():
-    with pytest.raises(ValueError, match=r"k=15 is out of range for this model: it has 14 long skips, so k must be in 1..14"):
+    with pytest.raises(ValueError, match=r"k=15 is out of range for this model: it has 14 long skips, so k must be in 1..13"):
         SkipCacheRun(SkipCacheConfig(depth=15), UStack(28, 14))
+    with pytest.raises(ValueError, match=r"k=14 skips nothing on this model: .* its 28 units, 28 units; k must be in 1..13"):
+        SkipCacheRun(SkipCacheConfig(depth=14), UStack(28, 14))  # custom k = 14 on DiT-XL: every block runs
     with pytest.raises(ValueError, match="needs a model with long skips"):
         SkipCacheRun(SkipCacheConfig(), UStack(28, 0))
     with pytest.raises(ValueError, match="percent must be in 0..1"):

@@ -103,14 +103,25 @@ class UStack:
             return list(range(L))
         return [*range(cut.depth), *range(L - cut.depth, L)]
 
+    @property
+    def max_depth(self) -> int:
+        """The deepest useful cut: k long skips at most, and k + k < L units, so a cached step skips some."""
+        return min(self.num_skips, (self.num_units - 1) // 2)
+
     def check_depth(self, depth: int) -> None:
-        """Raise a clear error if a cut at `depth` does not fit this stack's long skips."""
+        """Raise a clear error if a cut at `depth` does not fit this stack's long skips, or would skip nothing
+        (2k >= L: a "cached" step would run every unit and still swap in a stale deep state)."""
         if self.num_skips == 0:
             raise ValueError("Skip-Cache needs a model with long skips (a Skip-DiT or Hunyuan-DiT); this one has none")
         if not 1 <= depth <= self.num_skips:
             raise ValueError(
                 f"Skip-Cache depth k={depth} is out of range for this model: it has {self.num_skips} long skips, "
-                f"so k must be in 1..{self.num_skips}"
+                f"so k must be in 1..{self.max_depth}"
+            )
+        if 2 * depth >= self.num_units:
+            raise ValueError(
+                f"Skip-Cache depth k={depth} skips nothing on this model: a cached step runs the first and last k of "
+                f"its {self.num_units} units, {2 * depth} units; k must be in 1..{self.max_depth}"
             )
 
     def run(

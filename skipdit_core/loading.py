@@ -152,9 +152,33 @@ def _unsafe_global(message: str) -> Optional[str]:
     return None
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict, Optional[str]]:
-    """Read a checkpoint file -> (state dict of tensors, safetensors metadata, container key)."""
+def resolve_checkpoint_path(path: str | os.PathLike) -> str:
+    """The file meant by a path people type for a `training/` run: a run folder or its `checkpoints/`
+    (its latest checkpoint's EMA weights), a step folder (its `ema.safetensors`), or a path through
+    `checkpoints/latest`, which is a small text file naming the newest step folder (replaced atomically
+    by training). Any other path is returned as it is."""
     path = str(path)
+    parts = os.path.normpath(path).split(os.sep)
+    if "latest" in parts[:-1] or (parts[-1] == "latest" and os.path.isfile(path) and os.path.getsize(path) < 256):
+        i = parts.index("latest") if "latest" in parts[:-1] else len(parts) - 1
+        pointer = os.sep.join(parts[: i + 1]) or os.sep
+        if os.path.isfile(pointer) and os.path.getsize(pointer) < 256:
+            with open(pointer) as f:
+                step = f.read().strip()
+            path = os.path.join(os.path.dirname(pointer), step, *parts[i + 1:])
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest")):
+            if os.path.isfile(candidate):
+                return resolve_checkpoint_path(candidate)
+        if os.path.isfile(os.path.join(path, "ema.safetensors")):
+            return os.path.join(path, "ema.safetensors")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict, Optional[str]]:
+    """Read a checkpoint file (or a training run path, `resolve_checkpoint_path`) -> (state dict of
+    tensors, safetensors metadata, container key)."""
+    path = resolve_checkpoint_path(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
     if os.path.getsize(path) < 16:
@@ -203,7 +227,7 @@ def inspect_checkpoint(
     path: str | os.PathLike, family: Optional[str] = None, overrides: Optional[dict] = None
 ) -> Checkpoint:
     """Read a checkpoint and detect its family and config (without building the model)."""
-    path = str(path)
+    path = resolve_checkpoint_path(path)
     sd, metadata, container = read_state_dict(path)
     layout = "original"
     if hunyuan.is_diffusers_layout(sd):
@@ -309,6 +333,9 @@ def save_safetensors(state_dict: dict, dst: str | os.PathLike, family: str, conf
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     tmp = f"{dst}.tmp"
     save_file(tensors, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; give the file the user's usual permissions
     os.replace(tmp, dst)
 
 

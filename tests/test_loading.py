@@ -210,3 +210,29 @@ def test_diffusers_hunyuan_file_loads_mapped(tmp_path):
     model, ckpt = load_model(path)
     assert (ckpt.family, ckpt.layout) == ("hunyuan", "diffusers")
     assert model.config.depth == p["depth"] and not model.config.use_style_cond_and_image_meta_size
+
+
+def test_training_run_paths_resolve_to_the_latest_ema_and_files_get_the_umask(tmp_path, dit, capsys):
+    """What people type after a `training/` run: the run folder, its checkpoints/latest (a text file
+    naming the step folder), a path through it, a step folder; and files readable by others (umask)."""
+    from skipdit_core.loading import save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        root = tmp_path / "runs" / "x" / "checkpoints"
+        for step in ("step-00000500", "step-00001000"):
+            save_safetensors(dit.state_dict(), root / step / "ema.safetensors", "dit", TINY_DIT)
+        (root / "latest").write_text("step-00001000")
+    finally:
+        os.umask(old)
+    expected = str(root / "step-00001000" / "ema.safetensors")
+    assert oct(os.stat(expected).st_mode & 0o777) == "0o644"
+    for typed in (tmp_path / "runs" / "x", root, root / "latest", root / "latest" / "ema.safetensors",
+                  root / "step-00001000"):
+        assert inspect_checkpoint(typed).path == expected, typed
+    model, _ = load_model(root / "latest" / "ema.safetensors")
+    assert _same_output(model, dit, *DIT_INPUTS)
+    assert cli_main(["info", str(root / "latest" / "ema.safetensors")]) == 0
+    assert expected in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="no such file"):
+        inspect_checkpoint(root / "latest" / "model-missing.safetensors")

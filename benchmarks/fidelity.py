@@ -108,7 +108,8 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
             return result
 
         window = f"{cache.start:g}->{cache.end:g}"
-        rows.append({"method": skip_cache_method(cache.forecast), "setting": f"n={cache.interval} {window}",
+        setting = f"n={cache.interval} {window}" + (f" forecast {cache.forecast}" if cache.forecast else "")
+        rows.append({"method": skip_cache_method(cache.forecast), "setting": setting,
                      "interval": cache.interval, "window": window, "forecast": cache.forecast, **traj.compare(run),
                      "compute": stats["compute"]})
     return rows
@@ -135,7 +136,8 @@ def peer_rows(traj: Trajectories, methods: list[str], suffix: str = "") -> list[
 
 def equal_speedup_check(skip_rows: list[dict], peer: list[dict], axis: str = "speedup") -> list[str]:
     """For each peer setting: the Skip-Cache setting closest to its uncached output among those at least as
-    fast (`axis` "compute": using no more of the block compute), and which of the two is closer. A peer
+    fast (`axis` "compute": using no more of the block compute), and which of the two is closer: higher
+    PSNR and no lower SSIM (both measured; "split" when they disagree). A peer
     faster (or cheaper) than every Skip-Cache setting has no comparison."""
     fmt = (lambda v: f"{v:.2f}x") if axis == "speedup" else (lambda v: f"{v:.0%} compute")  # noqa: E731
     at_least_as_good = (lambda v, s: v >= s) if axis == "speedup" else (lambda v, s: v <= s)  # noqa: E731
@@ -147,10 +149,20 @@ def equal_speedup_check(skip_rows: list[dict], peer: list[dict], axis: str = "sp
         if not rivals:
             lines.append(f"{head}, beyond every Skip-Cache setting (best {fmt(edge)}); no comparison")
             continue
-        best = max(rivals, key=lambda q: q["psnr"])
-        verdict = "Skip-Cache closer" if best["psnr"] > r["psnr"] else "peer closer"
+        # closer = higher PSNR and (where measured) SSIM no lower; prefer a rival closer on both
+        both = lambda q: q["psnr"] > r["psnr"] and q.get("ssim", 0.0) >= r.get("ssim", 0.0)  # noqa: E731
+        best = max([q for q in rivals if both(q)] or rivals, key=lambda q: q["psnr"])
+        psnr_wins = best["psnr"] > r["psnr"]
+        ssim_wins = best["ssim"] >= r["ssim"] if "ssim" in r and "ssim" in best else psnr_wins
+        if psnr_wins and ssim_wins:
+            verdict = "Skip-Cache closer"
+        elif not psnr_wins and not ssim_wins:
+            verdict = "peer closer"
+        else:
+            verdict = f"split (PSNR: {'Skip-Cache' if psnr_wins else 'peer'}, SSIM: {'Skip-Cache' if ssim_wins else 'peer'})"
+        ssim_text = f", SSIM {r['ssim']:.4f} vs {best['ssim']:.4f}" if "ssim" in r and "ssim" in best else ""
         lines.append(f"{head}, PSNR {r['psnr']:.2f} dB vs Skip-Cache {best['setting']} ({fmt(best[axis])}) "
-                     f"{best['psnr']:.2f} dB -> {verdict}")
+                     f"{best['psnr']:.2f} dB{ssim_text} -> {verdict}")
     return lines
 
 

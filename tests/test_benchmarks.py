@@ -73,3 +73,11 @@ def test_claim_check_takes_the_best_skip_cache_setting_at_least_as_fast():
     assert "Skip-Cache a (80% compute)" in by_compute[0]
     assert "Skip-Cache b (60% compute) 30.00 dB -> peer closer" in by_compute[1]  # c uses more compute
     assert "no comparison" in by_compute[2]
+    # with SSIM measured, closer means both; a rival closer on both is preferred to a higher-PSNR one
+    skip = [{"setting": "x", "speedup": 1.5, "compute": 0.6, "psnr": 35.0, "ssim": 0.90},
+            {"setting": "y", "speedup": 1.5, "compute": 0.6, "psnr": 33.0, "ssim": 0.97}]
+    peer = [{"method": "P", "setting": "p", "speedup": 1.4, "compute": 0.7, "psnr": 32.0, "ssim": 0.95},
+            {"method": "P", "setting": "q", "speedup": 1.4, "compute": 0.7, "psnr": 34.0, "ssim": 0.98}]
+    lines = equal_speedup_check(skip, peer, "compute")
+    assert "Skip-Cache y (60% compute) 33.00 dB, SSIM 0.9500 vs 0.9700 -> Skip-Cache closer" in lines[0]
+    assert "Skip-Cache x (60% compute) 35.00 dB, SSIM 0.9800 vs 0.9000 -> split (PSNR: Skip-Cache, SSIM: peer)" in lines[1]

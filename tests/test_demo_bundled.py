@@ -25,7 +25,20 @@ def test_bundled_models_are_small_twins():
 
 # Shapes read right by tests/test_demo.shape_of when shipped: skip 8 of 8, vanilla twin 5 of 8 (same recipe
 # and budget; its triangles and crosses come out ragged). The rule reads 93% of 16 px training clips right.
-@pytest.mark.parametrize("path,min_shapes", [(DEMO_MODEL, 6), (VANILLA_TWIN, 4)], ids=["skip", "vanilla"])
+DEEP = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "models")
+DEEP_SKIP, DEEP_VANILLA = os.path.join(DEEP, "deep-skip-latte.safetensors"), os.path.join(DEEP, "deep-latte-vanilla.safetensors")
+
+
+def test_benchmark_twins_have_latte_xl_depth_and_differ_only_in_the_skips():
+    skip, vanilla = inspect_checkpoint(DEEP_SKIP), inspect_checkpoint(DEEP_VANILLA)
+    assert skip.config.depth == vanilla.config.depth == 28 and skip.config.num_skips == 7
+    assert skip.config.skip and not vanilla.config.skip
+    assert {k: v for k, v in vars(skip.config).items() if k != "skip"} == {k: v for k, v in vars(vanilla.config).items() if k != "skip"}
+
+
+# Shapes read right when the benchmark twins were taken at step 8,000 (docs/deep-twins.md): skip 4 of 8, vanilla 2.
+@pytest.mark.parametrize("path,min_shapes", [(DEMO_MODEL, 6), (VANILLA_TWIN, 4), (DEEP_SKIP, 3), (DEEP_VANILLA, 1)],
+                         ids=["skip", "vanilla", "deep-skip", "deep-vanilla"])
 def test_demo_models_draw_moving_shapes_of_the_requested_class(path, min_shapes):
     """Two seeds per class with the main job's sampler (DDIM 50, guidance 4): the shape of the requested
     class in its colour, moving."""

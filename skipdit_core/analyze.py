@@ -35,6 +35,7 @@ class FeatureDynamics:
     num_skips: int
     seconds: float
     family: Optional[str] = None  # the model's, for its window-end rule
+    sample: Optional[torch.Tensor] = None  # the uncached output of the recorded trajectory
 
     @property
     def num_units(self) -> int:
@@ -114,7 +115,7 @@ def record_dynamics(model, req: Request, max_lag: int = 5,
     if len(rows) != len(timesteps):  # one model call per step is what the step bookkeeping assumes
         raise RuntimeError(f"recorded {len(rows)} model calls for {len(timesteps)} steps")
     return FeatureDynamics(timesteps, torch.stack(rows, dim=-1), stack.num_skips, result.seconds,
-                           getattr(model, "family", None))
+                           getattr(model, "family", None), result.sample)
 
 
 def _longest_run(flags: list[bool]) -> Optional[tuple[int, int]]:
@@ -165,15 +166,17 @@ def suggest(dyn: FeatureDynamics, threshold: float = 0.99, depth: int = 1) -> Op
                       stats.speedup_bound(depth, dyn.num_units))
 
 
-def compare_forecasts(model, req: Request, config: SkipCacheConfig, orders=(0, 1, 2)) -> dict[int, float]:
+def compare_forecasts(model, req: Request, config: SkipCacheConfig, orders=(0, 1, 2),
+                      reference: Optional[torch.Tensor] = None) -> dict[int, float]:
     """PSNR (dB) of the output with each forecast order of `config` against the uncached output, on the
     trajectory of `req`: whether forecasting the cut state pays off on this model and schedule (it
-    gains in wide windows and can lose where n-1 cached steps extrapolate far)."""
+    gains in wide windows and can lose where n-1 cached steps extrapolate far). `reference`: that
+    uncached output when already sampled (`FeatureDynamics.sample`), else it is sampled here."""
     from dataclasses import replace
 
     from .media import psnr
 
-    ref = generate(model, req).sample
+    ref = reference if reference is not None else generate(model, req).sample
     data_range = float(ref.max() - ref.min()) or 1.0
     return {order: psnr(generate(model, req, replace(config, forecast=order)).sample, ref, data_range) for order in orders}
 

@@ -395,7 +395,7 @@ def cmd_analyze(args) -> int:
         print(f"suggested Skip-Cache: interval {tip.interval}, window {tip.start} -> {tip.end}, depth {tip.depth} "
               f"(reused feature keeps a mean cosine of {tip.window_similarity:.4f} at distance {tip.interval - 1})")
         print(f"  on this trajectory: {tip.stats.summary()}, speedup bound {tip.speedup_bound:.2f}x")
-        scores = compare_forecasts(skip_model, skip_req, tip.config)
+        scores = compare_forecasts(skip_model, skip_req, tip.config, reference=skip_dyn.sample)
         order = max(scores, key=scores.get)
         print("  forecast of the cut state, PSNR to the uncached output: "
               + ", ".join(f"order {k} {v:.2f} dB" for k, v in scores.items())

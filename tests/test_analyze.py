@@ -104,3 +104,16 @@ def test_analyze_command_writes_the_heatmap_and_prints_settings(tmp_path, capsys
     assert int(scores.group(4)) == values.index(max(values))
     assert f"--cache-forecast {scores.group(4)}" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_recorded_sample_is_the_uncached_output_compare_forecasts_reuses():
+    from skipdit_core.analyze import compare_forecasts, record_dynamics
+    from skipdit_core.pipeline import Request, generate
+    from skipdit_core.skip_cache import SkipCacheConfig
+
+    model, _ = tiny_latte(True)
+    req = Request("latte", label=1, frames=4, size=8, sampler="ddim", steps=8, guidance=3.0)
+    dyn = record_dynamics(model, req)
+    assert torch.equal(dyn.sample, generate(model, req).sample)  # the observer changes nothing
+    config = SkipCacheConfig(interval=2, start=1000, end=0)
+    assert compare_forecasts(model, req, config, reference=dyn.sample) == compare_forecasts(model, req, config)

@@ -5,6 +5,10 @@
 //
 //   node tests/comfyui_frontend_check.js URL OUT.json SHOT_DIR WORKFLOW.json [...]
 //
+// $SKIPDIT_OBJECT_INFO_PATCH: a JSON file of node schemas ({node type: /object_info entry}) the page is
+// given in place of the server's own (its /api/object_info answer is patched on the way), e.g. ComfyUI
+// 0.38's CreateVideo and SaveVideo (tests/data/object_info-0.38-video.json), to see how this frontend
+// lays out and serialises nodes of a newer server than the one running.
 // SHOT_DIR/<workflow name>.png: a screenshot of each loaded workflow. puppeteer-core is taken from
 // $SKIPDIT_BROWSER_TOOLS (default tests/browser, installed there with `npm ci` from its package.json),
 // Chromium from $CHROME_PATH (default /usr/bin/chromium). Used by tests/test_comfyui_workflows.py.
@@ -27,6 +31,16 @@ const [url, outFile, shotDir, ...files] = process.argv.slice(2);
     await page.setViewport({ width: 1600, height: 900 });
     const pageErrors = [];
     page.on('pageerror', e => pageErrors.push(String(e.message).split('\n')[0]));
+    if (process.env.SKIPDIT_OBJECT_INFO_PATCH) {
+      const patch = JSON.parse(fs.readFileSync(process.env.SKIPDIT_OBJECT_INFO_PATCH, 'utf8'));
+      delete patch._doc;
+      await page.setRequestInterception(true);
+      page.on('request', async req => {
+        if (!/\/object_info$/.test(new URL(req.url()).pathname)) return req.continue();
+        const answer = await (await fetch(req.url())).json();
+        req.respond({ status: 200, contentType: 'application/json', body: JSON.stringify({ ...answer, ...patch }) });
+      });
+    }
     await page.goto(url, { waitUntil: 'networkidle0', timeout: 180000 });
     await page.waitForFunction(
       () => window.app && window.app.graph && window.LiteGraph &&

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -41,16 +42,19 @@ def write_model(path: Path, family: str, preset=None, dtype=None, **overrides) -
     save_safetensors(model.state_dict(), path, family, config, dtype=dtype)
 
 
-def make_base_dir(base: Path) -> Path:
-    """A --base-directory with this repository linked into custom_nodes/."""
+def make_base_dir(base: Path, probe: bool = False) -> Path:
+    """A --base-directory with this repository linked into custom_nodes/ (and, with `probe`, the
+    test-only memory probe of tests/comfyui_probe)."""
     for sub in ("custom_nodes", "models/skipdit", "models/diffusion_models", "user", "input", "output"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    if probe:
+        (base / "custom_nodes" / "skipdit-test-probe").symlink_to(ROOT / "tests" / "comfyui_probe", target_is_directory=True)
     return base
 
 
 class Server:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, env: Optional[dict] = None):
         self.base = base
         self.log_path = base / "server.log"
         with socket.socket() as s:
@@ -62,7 +66,7 @@ class Server:
         if os.environ.get("SKIPDIT_FRONTEND_ROOT"):  # another frontend, e.g. 1.58.1's static/ (ComfyUI 0.38's)
             cmd += ["--front-end-root", os.environ["SKIPDIT_FRONTEND_ROOT"]]
         self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env=child_env())
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=self.log_file, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})})
 
     def __enter__(self) -> "Server":
         """The server, answering; stopped on leaving the block (also when start-up fails)."""

@@ -11,6 +11,11 @@ How the frontend lays out a node's widgets (ComfyUI frontend 1.27; checked again
 - an INT with `control_after_generate` (or, with the flag absent, named `seed` / `noise_seed`) is
   followed by one extra entry, the control mode ("fixed", "randomize", ...), which is no node input;
 - every other input is a socket: a link or nothing.
+- a dynamic combo (`COMFY_DYNAMICCOMBO_V3`, ComfyUI 0.38's V3 `io.DynamicCombo`, e.g. SaveVideo's
+  `format`) is a combo of its options' keys whose chosen option adds that option's inputs (required,
+  then optional), named `<combo>.<input>` and nested as deep as the options go, right after the
+  combo's own widget (frontend 1.58's dynamicWidgets.ts); the API prompt holds them under those
+  dotted names (0.38's `finalize_prefix`). So the layout of such a node depends on the values it holds.
 Note / MarkdownNote nodes are frontend-only and dropped; Reroute nodes are followed; muted nodes
 (mode 2) are dropped and bypassed nodes (mode 4) hand each output the first input of the same type.
 """
@@ -18,9 +23,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 # Combos that list model files: a workflow names files the building server need not have.
 MODEL_FILE_INPUTS = {"checkpoint", "ckpt_name", "clip_name", "vae_name", "lora_name", "unet_name"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -63,31 +69,93 @@ def has_control_widget(name: str, spec: list) -> bool:
     options = input_options(spec)
     if "control_after_generate" in options:
         return bool(options["control_after_generate"])
-    return input_kind(spec) == "INT" and name in ("seed", "noise_seed")
+    return input_kind(spec) == "INT" and name.rsplit(".", 1)[-1] in ("seed", "noise_seed")
+
+
+def choices(spec: list) -> list:
+    """The values a COMBO or dynamic combo accepts."""
+    if input_kind(spec) == DYNAMIC_COMBO:
+        return [option["key"] for option in input_options(spec).get("options", [])]
+    return spec[0] if isinstance(spec[0], list) else input_options(spec).get("options", [])
+
+
+def option_inputs(spec: list, key: Any) -> list[tuple[str, list, bool]]:
+    """(name, spec, required) of the inputs a dynamic combo adds when `key` is chosen."""
+    for option in input_options(spec).get("options", []):
+        if option["key"] == key:
+            inputs = option.get("inputs") or {}
+            return [(name, sub, section == "required") for section in ("required", "optional")
+                    for name, sub in (inputs.get(section) or {}).items()]
+    raise WorkflowError(f"{key!r} is not one of {choices(spec)}")
+
+
+def expand_inputs(schema: dict, choose: Callable[[str, list, bool], Any]) -> list[tuple[str, list, bool]]:
+    """(name, spec, required) of every input of a node, dynamic combos expanded: `choose(name, spec,
+    required)` is called on each widget input in layout order and returns its value, which for a dynamic
+    combo selects the inputs that follow it. An input inside an optional one counts as optional."""
+    out = []
+
+    def visit(entries, prefix: str, parent_required: bool) -> None:
+        for name, spec, required in entries:
+            full, required = prefix + name, required and parent_required
+            out.append((full, spec, required))
+            if is_widget(spec):
+                value = choose(full, spec, required)
+                if input_kind(spec) == DYNAMIC_COMBO:
+                    visit(option_inputs(spec, value), full + ".", required)
+
+    visit(schema_inputs(schema), "", True)
+    return out
 
 
 def widget_layout(schema: dict) -> list[tuple[Optional[str], list]]:
-    """One (input name, spec) per entry of `widgets_values`; (None, spec) for a control widget."""
+    """One (input name, spec) per entry of `widgets_values` with every dynamic combo at its default;
+    (None, spec) for a control widget."""
     layout = []
-    for name, spec, _ in schema_inputs(schema):
-        if is_widget(spec):
-            layout.append((name, spec))
-            if has_control_widget(name, spec):
-                layout.append((None, spec))
+
+    def default(name, spec, required):
+        layout.append((name, spec))
+        if has_control_widget(name, spec):
+            layout.append((None, spec))
+        return _default(name, spec)
+
+    expand_inputs(schema, default)
     return layout
 
 
-def trailing_optional_widgets(schema: dict) -> int:
-    """How many entries at the end of `widget_layout` belong to optional inputs (those an older
-    workflow file may lack)."""
-    optional = {name for name, _, required in schema_inputs(schema) if not required}
-    count, last = 0, None
-    for name, _ in reversed(widget_layout(schema)):
-        name = name or last  # a control widget belongs to the input before it
-        if name not in optional:
-            break
-        count, last = count + 1, name
-    return count
+def widget_values(node_id, kind: str, schema: dict, values) -> tuple[dict, list]:
+    """({input name: value}, inputs as expand_inputs gives them) of one node's `widgets_values`: a list in
+    layout order (dynamic combos expanded by the values they hold) or a dict by widget name. A file saved
+    before a node gained optional widgets lacks them: they take their defaults, as the frontend does."""
+    named = isinstance(values, dict)
+    out, taken, layout = {}, 0, []
+
+    def take(name, spec, required):
+        nonlocal taken
+        layout.append(name)
+        if named:
+            found, value = name in values, values.get(name)
+        else:
+            found = taken < len(values)
+            value = values[taken] if found else None
+            taken += found
+            if has_control_widget(name, spec):
+                layout.append("(control)")
+                taken += taken < len(values)
+        if not found:
+            if required:
+                raise WorkflowError(f"node {node_id} ({kind}): {len(values)} widget values, none for the "
+                                    f"required widget {name!r} of {layout}")
+            value = _default(name, spec)
+        if input_kind(spec) == DYNAMIC_COMBO and value not in choices(spec):
+            raise WorkflowError(f"node {node_id} ({kind}): {name} is {value!r}, not one of {choices(spec)}")
+        out[name] = value
+        return value
+
+    inputs = expand_inputs(schema, take)
+    if not named and taken < len(values):
+        raise WorkflowError(f"node {node_id} ({kind}): {len(values)} widget values for {len(layout)} widgets {layout}")
+    return out, inputs
 
 
 # ----------------------------------------------------------------------------- UI -> API
@@ -147,34 +215,23 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         schema = object_info[kind]
         linked = {inp["name"]: inp for inp in node.get("inputs") or [] if inp.get("link") is not None}
-        values = node.get("widgets_values", [])
-        if isinstance(values, dict):  # some widgets serialise by name
-            values = [values.get(name) for name, _ in widget_layout(schema)]
-        layout = widget_layout(schema)
-        # A file saved before a node gained optional widgets has fewer values: the missing ones are the
-        # trailing optional widgets, which take their defaults (as the frontend does on load).
-        required = len(layout) - trailing_optional_widgets(schema)
-        if not required <= len(values) <= len(layout):
-            expected = len(layout) if required == len(layout) else f"{required} to {len(layout)}"
-            raise WorkflowError(
-                f"node {node_id} ({kind}): {len(values)} widget values for {expected} widgets "
-                f"{[name or '(control)' for name, _ in layout]}"
-            )
-        widget_values = {name: value for (name, _), value in zip(layout, values) if name is not None}
+        # frontend 1.58 also writes widgets_values_named and leaves out an empty widgets_values
+        values = node.get("widgets_values") or node.get("widgets_values_named") or []
+        values_by_name, all_inputs = widget_values(node_id, kind, schema, values)
         inputs = {}
-        for name, spec, required in schema_inputs(schema):
+        for name, spec, required in all_inputs:
             if name in linked:
                 inp = linked[name]
                 origin_type = links[int(inp["link"])][4]
                 want = input_kind(spec)
-                if want not in ("*", "COMBO") and origin_type != "*" and not set(str(origin_type).split(",")) & set(want.split(",")):
+                if want not in ("*", "COMBO", DYNAMIC_COMBO) and origin_type != "*" and not set(str(origin_type).split(",")) & set(want.split(",")):
                     raise WorkflowError(f"node {node_id} ({kind}) input {name!r} is {want}, linked to {origin_type}")
                 src = source(inp["link"], want)
                 if src is not None:
                     inputs[name] = src
                     continue
-            if name in widget_values:
-                inputs[name] = widget_values[name]
+            if name in values_by_name:
+                inputs[name] = values_by_name[name]
             elif required:
                 raise WorkflowError(f"node {node_id} ({kind}): required input {name!r} is not connected")
         prompt[str(node_id)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title") or schema.get("display_name", kind)}}
@@ -206,11 +263,10 @@ def _default(name: str, spec: list) -> Any:
     if "default" in options:
         return options["default"]
     kind = input_kind(spec)
-    if kind == "COMBO":
-        choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
-        if not choices:
+    if kind in ("COMBO", DYNAMIC_COMBO):
+        if not choices(spec):
             raise WorkflowError(f"input {name!r} has no options and no value was given")
-        return choices[0]
+        return choices(spec)[0]
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
 
 
@@ -257,12 +313,14 @@ def build_workflow(spec_nodes: list[Node], object_info: dict, notes: tuple[dict,
             placed.add(n.id)
     for n in spec_nodes:
         schema = object_info[n.type]
-        unknown = set(n.widgets) - {name for name, spec, _ in schema_inputs(schema) if is_widget(spec)}
+        # every input, a dynamic combo's own inputs (e.g. "format.codec") after it, by the chosen values
+        expanded = expand_inputs(schema, lambda name, spec, _: n.widgets[name] if name in n.widgets else _default(name, spec))
+        unknown = set(n.widgets) - {name for name, spec, _ in expanded if is_widget(spec)}
         if unknown:
             raise WorkflowError(f"{n.type} has no widgets {sorted(unknown)}")
         # The frontend's slots: the sockets first, then the widget inputs, each in schema order.
-        sockets = [(name, spec, req) for name, spec, req in schema_inputs(schema) if not is_widget(spec)]
-        widgets = [(name, spec, req) for name, spec, req in schema_inputs(schema) if is_widget(spec)]
+        sockets = [(name, spec, req) for name, spec, req in expanded if not is_widget(spec)]
+        widgets = [(name, spec, req) for name, spec, req in expanded if is_widget(spec)]
         inputs, values = [], []
         for name, spec, required in sockets + widgets:
             link_id = in_links.get((n.id, name))
@@ -319,13 +377,12 @@ def _size(schema, inputs, outputs, values) -> list[float]:
 def _check_value(node_type: str, name: str, spec: list, value: Any) -> None:
     kind, options = input_kind(spec), input_options(spec)
     where = f"{node_type}.{name}"
-    if kind == "COMBO":
-        choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+    if kind in ("COMBO", DYNAMIC_COMBO):
         if name in MODEL_FILE_INPUTS:
             if not isinstance(value, str) or not value:
                 raise WorkflowError(f"{where}: {value!r} is not a file name")
-        elif value not in choices:
-            raise WorkflowError(f"{where}: {value!r} is not one of {choices[:8]}...")
+        elif value not in choices(spec):
+            raise WorkflowError(f"{where}: {value!r} is not one of {choices(spec)[:8]}...")
     elif kind in ("INT", "FLOAT"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind == "INT" and not isinstance(value, int)):
             raise WorkflowError(f"{where}: {value!r} is not an {kind}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_workflow import MODEL_FILE_INPUTS, Node, WorkflowError, build_workflow, note, ui_to_api, widget_layout
+from comfyui_workflow import MODEL_FILE_INPUTS, Node, WorkflowError, build_workflow, note, ui_to_api, widget_layout, widget_values
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -167,7 +167,7 @@ def test_convert_errors_name_the_problem():
     wf = small_graph()
     bad = copy.deepcopy(wf)
     {n["id"]: n for n in bad["nodes"]}[4]["widgets_values"].append(1)
-    with pytest.raises(WorkflowError, match=r"node 4 \(Sampler\): 8 widget values for 4 to 7 widgets"):
+    with pytest.raises(WorkflowError, match=r"node 4 \(Sampler\): 8 widget values for 7 widgets"):
         ui_to_api(bad, SCHEMAS)
     with pytest.raises(WorkflowError, match="unknown to this ComfyUI: \\['Sampler'\\]"):
         ui_to_api(wf, {k: v for k, v in SCHEMAS.items() if k != "Sampler"})
@@ -181,6 +181,78 @@ def test_convert_errors_name_the_problem():
         build_workflow([Node(1, "Sampler", (0, 0), {"name": "z"})], SCHEMAS)
     with pytest.raises(WorkflowError, match="wants LATENT"):
         build_workflow([Node(1, "Loader", (0, 0)), Node(2, "Sampler", (0, 0), {}, {"latent": (1, 0)})], SCHEMAS)
+
+
+# ComfyUI 0.38's CreateVideo (new optional widgets) and SaveVideo (`format` a dynamic combo with a nested
+# `codec`, and a hidden optional `codec`), as its /object_info gives them (see the file's _doc).
+V038_VIDEO_FILE = ROOT / "tests" / "data" / "object_info-0.38-video.json"
+V038_VIDEO = {k: v for k, v in json.loads(V038_VIDEO_FILE.read_text()).items() if k != "_doc"}
+IMAGES = {"Images": {"input": {"required": {}}, "output": ["IMAGE"], "output_name": ["IMAGE"], "display_name": "Images"}}
+
+
+def video_graph(save_widgets: dict, fps: float = 8.0) -> dict:
+    nodes = [Node(1, "Images", (0, 0)), Node(2, "CreateVideo", (300, 0), {"fps": fps}, {"images": (1, 0)}),
+             Node(3, "SaveVideo", (600, 0), {"filename_prefix": "video/x", **save_widgets}, {"video": (2, 0)})]
+    return build_workflow(nodes, IMAGES | V038_VIDEO)
+
+
+def test_0_38_video_nodes_lay_out_dynamic_combos_as_the_frontend_does():
+    wf = video_graph({})
+    create, save = (next(n for n in wf["nodes"] if n["id"] == i) for i in (2, 3))
+    assert create["widgets_values"] == [8.0, "auto", "sRGB", "none"]  # fps, then the three new optional widgets
+    # format, then its chosen option's codec right after it, then the hidden optional codec
+    assert save["widgets_values"] == ["video/x", "auto", "auto", "auto"]
+    assert [i["name"] for i in save["inputs"]] == ["video", "filename_prefix", "format", "format.codec", "codec"]
+    api = ui_to_api(wf, IMAGES | V038_VIDEO)
+    assert api["3"]["inputs"] == {"video": ["2", 0], "filename_prefix": "video/x", "format": "auto", "format.codec": "auto", "codec": "auto"}
+    assert api["2"]["inputs"] == {"images": ["1", 0], "fps": 8.0, "bit_depth": "auto", "color_space": "sRGB", "codec": "none"}
+
+
+def test_0_38_nested_dynamic_combo_by_position_and_by_name():
+    chosen = {"format": "mkv", "format.codec": "av1", "format.codec.encoding": "re-encode", "format.codec.encoding.crf": 20.0}
+    wf = video_graph(chosen)
+    save = next(n for n in wf["nodes"] if n["id"] == 3)
+    assert save["widgets_values"] == ["video/x", "mkv", "av1", "re-encode", 20.0, "auto"]
+    expected = {"video": ["2", 0], "filename_prefix": "video/x", **chosen, "codec": "auto"}
+    assert ui_to_api(wf, IMAGES | V038_VIDEO)["3"]["inputs"] == expected
+    # frontend 1.58's widgets_values_named, with the positional list left out
+    save["widgets_values_named"] = dict(zip(["filename_prefix", *chosen, "codec"], save.pop("widgets_values")))
+    assert ui_to_api(wf, IMAGES | V038_VIDEO)["3"]["inputs"] == expected
+    with pytest.raises(WorkflowError, match=r"outside 0.0..63.0"):
+        video_graph({**chosen, "format.codec.encoding.crf": 70.0})
+    with pytest.raises(WorkflowError, match=r"SaveVideo has no widgets \['format.codec.encoding'\]"):
+        video_graph({"format": "mp4", "format.codec": "auto", "format.codec.encoding": "auto"})  # auto has no encoding
+
+
+def test_0_38_dynamic_combo_values_that_fit_no_option_are_named():
+    wf = video_graph({})
+    save = next(n for n in wf["nodes"] if n["id"] == 3)
+    save["widgets_values"] = ["video/x", "avi", "auto", "auto"]
+    with pytest.raises(WorkflowError, match=r"node 3 \(SaveVideo\): format is 'avi', not one of \['auto', 'mp4', 'mkv', 'webm'\]"):
+        ui_to_api(wf, IMAGES | V038_VIDEO)
+    save["widgets_values"] = ["video/x", "webm", "h264", "auto"]
+    with pytest.raises(WorkflowError, match=r"format.codec is 'h264', not one of \['auto', 'av1'\]"):
+        ui_to_api(wf, IMAGES | V038_VIDEO)
+
+
+def test_shipped_video_nodes_read_under_the_0_38_schemas():
+    """The workflows' CreateVideo / SaveVideo were written against 0.3.64 (CreateVideo: fps; SaveVideo:
+    filename_prefix, format, codec). Under 0.38's schemas the same values fill the same places: fps, the
+    prefix, the format and its nested codec; the widgets 0.38 added take their defaults."""
+    seen = 0
+    for path in WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] not in V038_VIDEO:
+                continue
+            seen += 1
+            values, _ = widget_values(node["id"], node["type"], V038_VIDEO[node["type"]], node["widgets_values"])
+            if node["type"] == "CreateVideo":
+                (fps,) = node["widgets_values"]
+                assert values == {"fps": fps, "bit_depth": "auto", "color_space": "sRGB", "codec": "none"}
+            else:
+                prefix, fmt, codec = node["widgets_values"]
+                assert values == {"filename_prefix": prefix, "format": fmt, "format.codec": codec, "codec": "auto"}
+    assert seen == 6  # the three video workflows, both nodes each (the two image ones have neither)
 
 
 # ----------------------------------------------------------------------------- the files (CI)
@@ -271,6 +343,22 @@ def server(base_dir):
 @pytest.fixture(scope="module")
 def object_info(server) -> dict:
     return server.get("/object_info")
+
+
+@needs_comfyui
+def test_the_workflow_descriptions_build_against_both_versions(object_info):
+    """tests/make_workflows.py writes the same five workflows from this server's schemas (the shipped
+    files) and from them with 0.38's video nodes (dynamic combos), and each converts."""
+    import make_workflows
+
+    for name, make in make_workflows.WORKFLOWS.items():
+        nodes, notes = make()
+        assert build_workflow(nodes, object_info, notes) == load(name), f"workflows/{name}.json is not what make_workflows.py writes"
+        newer = build_workflow(nodes, object_info | V038_VIDEO, notes)
+        api = ui_to_api(newer, object_info | V038_VIDEO)
+        for node in api.values():
+            if node["class_type"] == "SaveVideo":
+                assert (node["inputs"]["format"], node["inputs"]["format.codec"], node["inputs"]["codec"]) == ("auto", "auto", "auto")
 
 
 @needs_comfyui
@@ -387,6 +475,45 @@ def test_workflow_loads_in_the_frontend_without_missing_nodes(frontend, object_i
     assert r["serialized"]["links"] == wf["links"]
 
 
+@pytest.fixture(scope="module")
+def frontend_038_video(server, tmp_path_factory) -> dict:
+    """The video workflows loaded in the frontend while its /object_info answer carries 0.38's CreateVideo
+    and SaveVideo (this server is older: the nodes are drawn and serialised, not run)."""
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    server.post("/settings/Comfy.TutorialCompleted", True)
+    out = tmp_path_factory.mktemp("frontend-0.38-video")
+    files = [p for p in WORKFLOWS if '"SaveVideo"' in p.read_text()]
+    done = subprocess.run(
+        ["node", str(ROOT / "tests" / "comfyui_frontend_check.js"), server.url, str(out / "result.json"), str(out), *map(str, files)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "SKIPDIT_OBJECT_INFO_PATCH": str(V038_VIDEO_FILE)},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    version = tuple(int(x) for x in re.findall(r"\d+", result["frontend"] or "0")[:2])
+    if version < (1, 58):  # the server's own frontend (0.3.64: 1.27) draws no dynamic combo
+        pytest.skip(f"frontend {result['frontend']} is older than 0.38's (1.58): set SKIPDIT_FRONTEND_ROOT to 1.58.1's static/")
+    return {Path(r["file"]).stem: r for r in result["results"]}
+
+
+@needs_comfyui
+def test_video_workflows_under_0_38_video_schemas_convert_as_the_frontend_builds_them(frontend_038_video, object_info):
+    """Against ComfyUI 0.38's schemas of the core video nodes: the frontend's API prompt of each shipped
+    video workflow is the converter's, and so is that of the graph the frontend saves (its widgets_values
+    laid out for the dynamic combos)."""
+    schemas = object_info | V038_VIDEO
+    strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}  # noqa: E731
+    assert len(frontend_038_video) == 3
+    for name, r in frontend_038_video.items():
+        assert r["unregistered"] == [] and r["missing"] == [] and not r["missingDialog"], (name, r)
+        ours = ui_to_api(load(name), schemas)
+        assert strip(r["apiPrompt"]) == strip(ours), name
+        assert strip(ui_to_api(r["serialized"], schemas)) == strip(ours), name
+        save = next(v for v in ours.values() if v["class_type"] == "SaveVideo")["inputs"]
+        assert {"format", "format.codec", "codec"} <= set(save), save
+
+
 @needs_comfyui
 def test_demo_screenshot_saved(frontend):
     assert SCREENSHOT.stat().st_size > 10_000
@@ -395,13 +522,13 @@ def test_demo_screenshot_saved(frontend):
 
 def test_a_file_saved_before_a_node_gained_optional_widgets_converts_with_their_defaults():
     """Sampler's optional noise_seed (+ its control) and flag are trailing optional widgets: a file
-    with only the required values converts (they are left to their defaults); one value short of the
-    required ones is still an error."""
+    with only the required values converts, the missing ones at their defaults (what the frontend
+    gives a widget the file has no value for); one value short of the required ones is still an error."""
     wf = small_graph()
     sampler = next(n for n in wf["nodes"] if n["id"] == 4)
     sampler["widgets_values"] = sampler["widgets_values"][:4]  # seed, control, steps, name
     inputs = ui_to_api(wf, SCHEMAS)["4"]["inputs"]
-    assert inputs == {"model": ["3", 0], "seed": 42, "steps": 7, "name": "y", "latent": ["2", 0]}
+    assert inputs == {"model": ["3", 0], "seed": 42, "steps": 7, "name": "y", "latent": ["2", 0], "noise_seed": 1, "flag": False}
     sampler["widgets_values"] = sampler["widgets_values"][:3]
-    with pytest.raises(WorkflowError, match=r"3 widget values for 4 to 7 widgets"):
+    with pytest.raises(WorkflowError, match=r"3 widget values, none for the required widget 'name'"):
         ui_to_api(wf, SCHEMAS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Optional
 
 import torch
 
@@ -145,10 +146,21 @@ def cmd_sample(args) -> int:
     from .media import write_png, write_video
     from .pipeline import generate
 
+    procs, cfg_parallel = _processes(args), None
     model, ckpt = _load(args)
+    if args.parallel != "none":
+        from .parallel import CFGParallel, SequenceParallel
+
+        procs.join(next(model.parameters()).device)
+        if args.parallel == "cfg":
+            cfg_parallel = CFGParallel()
+        else:
+            SequenceParallel().attach(model)
     req = _request(args, model, ckpt.family)
     cache = _cache_config(args, ckpt.family, args.cache_interval) if args.cache_interval > 1 else None
-    result = generate(model, req, cache, progress=_Progress("sampling"))
+    result = generate(model, req, cache, progress=_Progress("sampling") if procs.main else None, cfg_parallel=cfg_parallel)
+    if not procs.main:  # every process holds the same sample; the main one writes it
+        return 0
     pixels = _pixels(_load_vae(args, result.sample.device), ckpt.family, model, result.sample)
     out = args.output
     if pixels is None:
@@ -166,6 +178,71 @@ def cmd_sample(args) -> int:
         line += f"; Skip-Cache {cache.describe()}: {result.stats.summary()}, speedup bound {result.speedup_bound:.2f}x"
     print(line)
     return 0
+
+
+def cmd_sample_many(args) -> int:
+    from pathlib import Path
+
+    from .media import to_uint8_frames
+    from .sample_many import Setting, run
+
+    procs = _processes(args)
+    model, ckpt = _load(args)
+    device = next(model.parameters()).device
+    procs.join(device)
+    req = _request(args, model, ckpt.family)
+    labels = _labels(args.labels, model)
+    settings = [Setting.of(_cache_config(args, ckpt.family, n) if n > 1 else None) for n in args.cache_intervals]
+    vae = _load_vae(args, device)
+
+    def to_array(sample):
+        pixels = _pixels(vae, ckpt.family, model, sample)
+        if pixels is None:  # a latent model and no VAE: the latents themselves
+            return sample[0].float().cpu().numpy()
+        frames = to_uint8_frames(pixels)
+        return frames[0] if ckpt.family in ("dit", "hunyuan") else frames
+
+    about = {"checkpoint": args.checkpoint, "family": ckpt.family, "sampler": req.sampler, "steps": req.steps,
+             "guidance": req.guidance, "frames": req.frames, "size": req.size, "device": str(device), "dtype": args.dtype}
+    summary = run(model, ckpt.family, req, settings, Path(args.out), args.num_samples, args.batch_size, labels,
+                  to_array, procs, progress=not args.no_progress, about=about)
+    if procs.main:
+        for row in summary["settings"]:
+            rate = f"{row['samples_per_second']:.3f} samples/s" if row["samples_per_second"] else "nothing to do"
+            cache = f"; Skip-Cache {row['skip_cache']}: {row['per_trajectory']}" if row.get("per_trajectory") else ""
+            print(f"{row['setting']}: {row['samples']} samples in {row['npz']} ({row['made_this_run']} made now, "
+                  f"{row['already_complete']} already there; {rate} on {summary['processes']} process(es)){cache}")
+        print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _processes(args):
+    """This process among those launched together, its GPU chosen by its local rank; `sample` on several
+    processes needs --parallel (sample-many shards samples instead)."""
+    from .sample_many import Processes
+
+    procs = Processes.from_environment()
+    if args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{procs.local_rank}"
+    if getattr(args, "parallel", None) == "none" and procs.world > 1:
+        raise ValueError(f"launched on {procs.world} processes: give --parallel cfg or sequence to split one sample "
+                         "over them, or use sample-many to share many samples out")
+    return procs
+
+
+def _labels(given: Optional[list], model) -> Optional[list[int]]:
+    """--labels: integers, or 'all' for every class of the model; None when not given."""
+    if not given:
+        return None
+    classes = getattr(model.config, "num_classes", 0)
+    if given == ["all"]:
+        if not classes:
+            raise ValueError("--labels all: this model is not class-conditional")
+        return list(range(classes))
+    try:
+        return [int(x) for x in given]
+    except ValueError:
+        raise ValueError(f"--labels takes integers or 'all', got {' '.join(given)}") from None
 
 
 # A measured speedup this far above its bound is called out as timing noise (the bound counts
@@ -268,6 +345,11 @@ def generation_args(sp, bench: bool) -> None:
         sp.add_argument("--json", action="store_true")
     else:
         sp.add_argument("--cache-interval", type=int, default=1, help="Skip-Cache interval n (1 = off)")
+    cache_args(sp)
+
+
+def cache_args(sp) -> None:
+    """The Skip-Cache window, depth and forecast (the interval is each command's own)."""
     sp.add_argument("--cache-start", type=float, help="window start timestep (default: the authors' per family)")
     sp.add_argument("--cache-end", type=float, help="window end timestep")
     sp.add_argument("--cache-start-percent", type=float, help="window start as sampling progress 0..1")
@@ -307,10 +389,28 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--seed", type=int, default=0)
     new.set_defaults(func=cmd_new)
 
+    many = sub.add_parser("sample-many", help="many samples for evaluation (FID / FVD): sharded over the processes of "
+                          "torchrun / accelerate launch, resumable, one .npz per setting and a summary.json")
+    request_args(many)
+    many.add_argument("--num-samples", type=int, required=True)
+    many.add_argument("--out", required=True, help="output folder (one sub-folder and one .npz per setting, summary.json)")
+    many.add_argument("--labels", nargs="+", metavar="LABEL",
+                      help="class labels sample i cycles through (labels[i %% len]); 'all': every class of the model")
+    many.add_argument("--batch-size", type=int, default=1,
+                      help="samples per model call; a sample depends on it, not on the number of processes")
+    many.add_argument("--cache-intervals", type=int, nargs="+", default=[1],
+                      help="one setting per Skip-Cache interval, 1 = uncached (e.g. 1 2 3)")
+    cache_args(many)
+    many.add_argument("--no-progress", action="store_true")
+    many.set_defaults(func=cmd_sample_many)
+
     sample = sub.add_parser("sample", help="generate a video or image, optionally with Skip-Cache")
     generation_args(sample, bench=False)
     sample.add_argument("-o", "--output", default="outputs/sample.mp4", help=".mp4, .webm, .gif or .png")
     sample.add_argument("--fps", type=int, default=8)
+    sample.add_argument("--parallel", choices=["none", "cfg", "sequence"], default="none",
+                        help="one sample over the processes of torchrun / accelerate launch: cfg (2 processes, one "
+                             "guidance half each) or sequence (tokens split, Ulysses attention; needs yunchang)")
     sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="uncached vs Skip-Cache settings: time, speedup, bound, PSNR / SSIM")
@@ -341,6 +441,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the model presets of every family")
     presets.set_defaults(func=cmd_presets)
+
+    enc = sub.add_parser(
+        "encode-text", help="captions -> text-encoder states for --text-embeddings or training sidecars (Latte T2V, Hunyuan-DiT)",
+        description="Encode captions with local text encoders (transformers, nothing downloaded; pip install '.[text]'). "
+                    "A file holds prompt_embeds (B, L, D) float32, prompt_attention_mask (B, L) int64, Hunyuan-DiT also "
+                    "prompt_embeds_2 / prompt_attention_mask_2 (mT5), and with --prompt / --captions the negative_* of "
+                    "--negative-prompt for guidance; B = 1 but for --captions into one .safetensors; L: the max length, "
+                    "states padded to it.")
+    enc.add_argument("--family", required=True, choices=list(models.FAMILIES), help="latte_t2v (T5) or hunyuan (BERT + mT5)")
+    enc.add_argument("--text-encoder", required=True, metavar="DIR",
+                     help="Latte T2V's T5 or Hunyuan-DiT's BERT: a transformers folder (config.json, weights, tokenizer) "
+                          "or a diffusers pipeline folder with text_encoder/ + tokenizer/")
+    enc.add_argument("--text-encoder-2", metavar="DIR",
+                     help="Hunyuan-DiT's mT5 (default: text_encoder_2/ + tokenizer_2/ of a pipeline folder given as --text-encoder)")
+    what = enc.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt -> the file --output, for skipdit sample --text-embeddings")
+    what.add_argument("--captions", metavar="FILE.txt",
+                      help="one caption per line (blank lines skipped) -> OUTPUT/00001.safetensors, ... named by line "
+                           "number, each for skipdit sample; or, OUTPUT a .safetensors path, one file with row i the "
+                           "i-th caption, for skipdit sample-many")
+    what.add_argument("--caption-dir", metavar="DIR",
+                      help="Latte T2V training data: for every video under DIR (recursive) its caption <name>.txt -> "
+                           "<name>.safetensors beside it, the sidecar video_folder reads (prompt only, no negative)")
+    enc.add_argument("-o", "--output", help="a .safetensors file (--prompt), a folder or a .safetensors file (--captions)")
+    enc.add_argument("--negative-prompt", help="the unconditional half of guidance (default: the empty prompt, as the pipelines)")
+    enc.add_argument("--max-length", type=int, help="tokens of the first encoder (default: Latte T2V 120, Hunyuan-DiT 77)")
+    enc.add_argument("--max-length-2", type=int, help="tokens of Hunyuan-DiT's mT5 (default 256)")
+    enc.add_argument("--batch-size", type=int, default=8, help="captions encoded at a time")
+    enc.add_argument("--device", help="default: cuda if available, else cpu")
+    enc.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the encoders' dtype (files are float32 anyway)")
+    enc.set_defaults(func=cmd_encode_text)
     return p
 
 
@@ -412,6 +543,21 @@ def cmd_presets(args) -> int:
         print(f"{name}: {fam.description}")
         for preset, values in fam.presets.items():
             print(f"  {preset:24s} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return 0
+
+
+def cmd_encode_text(args) -> int:
+    from . import text_encoding as te
+
+    plan = te.plan_outputs(args.family, prompt=args.prompt, captions=args.captions, caption_dir=args.caption_dir,
+                           output=args.output)
+    shapes = te.write_embeddings(plan, args.family, [args.text_encoder, args.text_encoder_2],
+                                 max_lengths=[args.max_length, args.max_length_2], negative_prompt=args.negative_prompt,
+                                 batch_size=args.batch_size, dtype=DTYPES[args.dtype],
+                                 device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    paths = list(dict.fromkeys(path for _, path in plan.items))
+    where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+    print(f"wrote {where}: " + ", ".join(f"{k} {s}" for k, s in shapes.items()))
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ class Request:
     """What to generate. size: latent height = width; frames: video models only."""
 
     family: str
-    label: Optional[int] = None
+    label: Optional[int | Sequence[int]] = None  # one label, or one per sample of the batch
     text: dict = field(default_factory=dict)  # tensors of a text-embedding file
     frames: int = 16
     size: int = 32
@@ -81,9 +81,14 @@ def conditioning(model, req: Request, unconditional: bool) -> dict:
             return {}
         if req.label is None:
             raise ValueError(f"this {req.family} model is class-conditional: give a class label in 0..{c.num_classes - 1}")
-        if not 0 <= req.label < c.num_classes:
-            raise ValueError(f"class label {req.label} is out of range: this model has classes 0..{c.num_classes - 1}")
-        return {"y": torch.full((b,), c.num_classes if unconditional else req.label, dtype=torch.long)}
+        labels = torch.as_tensor(req.label, dtype=torch.long).reshape(-1)
+        if labels.numel() not in (1, b):
+            raise ValueError(f"{labels.numel()} class labels for a batch of {b}: give one, or one per sample")
+        for label in labels.tolist():
+            if not 0 <= label < c.num_classes:
+                raise ValueError(f"class label {label} is out of range: this model has classes 0..{c.num_classes - 1}")
+        y = torch.full((b,), c.num_classes, dtype=torch.long) if unconditional else labels.expand(b).clone()
+        return {"y": y}
     rep = lambda t: t.expand(b, *t.shape[1:]) if t.shape[0] == 1 else t  # noqa: E731
     if req.family == "latte_t2v":
         states = _text(req, "prompt_embeds", False)
@@ -115,8 +120,11 @@ def generate(
     req: Request,
     cache: Optional[SkipCacheConfig] = None,
     progress: Optional[Callable[[int, int, int], None]] = None,
+    cfg_parallel=None,
 ) -> Result:
-    """Sample once; with `cache`, through a fresh Skip-Cache run (state never shared between calls)."""
+    """Sample once; with `cache`, through a fresh Skip-Cache run (state never shared between calls).
+    `cfg_parallel` (a `skipdit_core.parallel.CFGParallel`): this process evaluates one half of every
+    guided model call and the halves are exchanged, so each process caches only its half's deep state."""
     device, dtype = next(model.parameters()).device, model.dtype
     # Pixels live in [-1, 1]: clamping x0 keeps the early steps (where x0 = (x - sqrt(1-a) eps) / sqrt(a)
     # amplifies the eps error ~60x) on the data range, as improved-diffusion does for pixel models.
@@ -132,13 +140,18 @@ def generate(
     else:
         inputs = cond
     run = SkipCacheRun.for_model(cache, model) if cache is not None else None
+    split = cfg_parallel if use_cfg else None  # without guidance there is no second half to hand over
+    if split is not None:
+        inputs = {k: split.half(v) for k, v in inputs.items()}
 
     def denoise_batch(x, t):
         cut = run.begin_step(t) if run else None
+        if split is not None:
+            x, t = split.half(x), split.half(t)
         out = model(x.to(dtype), t, **inputs, cut=cut)
         if run:
             run.end_step(cut)
-        return out.float()
+        return out.float() if split is None else split.join(out.float())
 
     generator = torch.Generator(device=device).manual_seed(req.seed)
     noise = torch.randn(sample_shape(model, req), generator=generator, device=device)

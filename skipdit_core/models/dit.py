@@ -77,8 +77,14 @@ class DiT(SkipBranchesMixin, nn.Module):
         h, w = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
         tokens = self.x_embedder(x.to(self.dtype)) + self._pos_embed(h, w).to(self.dtype)
         cond = self.t_embedder(t) + self.y_embedder(y)
+        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
+        if split is not None:
+            tokens = split.shard(tokens)
         tokens = self.stack.run(tokens, lambda i, z: self.blocks[i](z, cond), self.fuse, cut)
-        return unpatchify(self.final_layer(tokens, cond), h, w, c.patch_size, c.out_channels)
+        out = self.final_layer(tokens, cond)
+        if split is not None:
+            out = split.gather(out)
+        return unpatchify(out, h, w, c.patch_size, c.out_channels)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         if self.pos_embed.shape[1] == h * w and h == w:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel import attend
 from .layers import FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, fp32_layer_norm, modulate, timestep_embedding, unpatchify
 from .ustack import StackCut, UStack, fuse_skip
 
@@ -209,7 +210,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.Wqkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q = apply_rope(fp32_layer_norm(q, self.q_norm), *rope)
         k = apply_rope(fp32_layer_norm(k, self.k_norm), *rope)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attend(self, q, k, v)  # Ulysses when the tokens are split over processes (skipdit_core.parallel)
         return self.out_proj(x.transpose(1, 2).reshape(n, t, d))
 
 
@@ -404,8 +405,14 @@ class HunyuanDiT(nn.Module):
             rope = self.image_rope(h, w, x.device)
         else:
             rope = (rope[0].to(x.device, torch.float32), rope[1].to(x.device, torch.float32))
+        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
+        if split is not None:
+            tokens, rope = split.shard(tokens), (split.shard(rope[0], 0), split.shard(rope[1], 0))
         tokens = self.stack.run(tokens, lambda i, z: self.blocks[i](z, cond, text, rope), self.fuse, cut)
-        return unpatchify(self.final_layer(tokens, cond), h, w, c.patch_size, c.out_channels)
+        out = self.final_layer(tokens, cond)
+        if split is not None:
+            out = split.gather(out)
+        return unpatchify(out, h, w, c.patch_size, c.out_channels)
 
     def _init_weights(self) -> None:
         """Tencent's initialisation: xavier linears, zeroed modulations and output layer."""

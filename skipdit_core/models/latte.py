@@ -102,6 +102,9 @@ class Latte(SkipBranchesMixin, nn.Module):
         h, w = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
         tokens = self.x_embedder(rearrange(x, "b f c h w -> (b f) c h w").to(self.dtype))
         tokens = tokens + self._pos_embed(h, w).to(self.dtype)
+        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
+        if split is not None:
+            tokens = split.shard(tokens)
 
         cond = self.t_embedder(t)
         if c.num_classes > 0:
@@ -109,7 +112,7 @@ class Latte(SkipBranchesMixin, nn.Module):
                 raise ValueError("this Latte model is class-conditional: pass labels y (the null label is num_classes)")
             cond = cond + self.y_embedder(y)
         cond_spatial = repeat(cond, "b d -> (b f) d", f=f)  # one vector per frame
-        cond_temporal = repeat(cond, "b d -> (b t) d", t=h * w)  # one vector per patch position
+        cond_temporal = repeat(cond, "b d -> (b t) d", t=tokens.shape[1])  # one vector per (local) patch position
         temp_embed = self._temp_embed(f).to(self.dtype)
 
         def run_pair(i: int, z: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,10 @@ class Latte(SkipBranchesMixin, nn.Module):
             return rearrange(z, "(b t) f d -> (b f) t d", b=b)
 
         tokens = self.stack.run(tokens, run_pair, self.fuse, cut)
-        out = unpatchify(self.final_layer(tokens, cond_spatial), h, w, c.patch_size, c.out_channels)
+        out = self.final_layer(tokens, cond_spatial)
+        if split is not None:
+            out = split.gather(out)
+        out = unpatchify(out, h, w, c.patch_size, c.out_channels)
         return rearrange(out, "(b f) c h w -> b f c h w", b=b)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:

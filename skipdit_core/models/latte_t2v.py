@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..parallel import attend
 from .layers import PatchEmbed, sincos_1d, sincos_2d, timestep_embedding, unpatchify
 from .ustack import SkipBranchesMixin, StackCut, UStack
 
@@ -168,7 +169,7 @@ class LatteAttention(nn.Module):
             rearrange(proj(src), "n t (h d) -> n h t d", h=self.num_heads)
             for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = attend(self, q, k, v, bias)  # Ulysses for split self-attention (skipdit_core.parallel)
         return self.to_out[0](rearrange(out, "n h t d -> n t (h d)"))
 
 
@@ -310,7 +311,6 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         t_mod, t_emb = self.adaln_single(t)  # (B, 6D), (B, D)
         t_spatial = t_mod.repeat_interleave(frames, dim=0)  # ((B F), 6D)
-        t_temporal = t_mod.repeat_interleave(gh * gw, dim=0)  # ((B T), 6D)
         context = self.caption_projection(encoder_hidden_states.to(dtype)).repeat_interleave(frames, dim=0)
         bias = None
         if encoder_attention_mask is not None:
@@ -319,6 +319,10 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
             bias = ((1 - keep) * -10000.0)[:, None, None, :].repeat_interleave(frames, dim=0)
         # Added before the first temporal block only, and not for a single frame (as diffusers).
         temp_pos = self.temp_pos_embed[:, :frames].to(dtype) if frames > 1 else None
+        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
+        if split is not None:
+            h = split.shard(h)
+        t_temporal = t_mod.repeat_interleave(h.shape[1], dim=0)  # ((B T), 6D), T this process's tokens
 
         def run_unit(i: int, h: torch.Tensor) -> torch.Tensor:
             """Pair i: ((B F), T, D) -> spatial block -> ((B T), F, D) -> temporal block -> ((B F), T, D)."""
@@ -333,7 +337,10 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
 
         shift, scale = (self.scale_shift_table[None] + t_emb.repeat_interleave(frames, dim=0)[:, None]).chunk(2, dim=1)
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale) + shift
-        out = unpatchify(self.proj_out(h), gh, gw, c.patch_size, c.out_channels)  # ((B F), C_out, H, W)
+        h = self.proj_out(h)
+        if split is not None:
+            h = split.gather(h)
+        out = unpatchify(h, gh, gw, c.patch_size, c.out_channels)  # ((B F), C_out, H, W)
         return rearrange(out, "(b f) c h w -> b c f h w", b=B)
 
 

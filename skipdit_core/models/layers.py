@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel import attend
+
 
 # --------------------------------------------------------------------------- embeddings
 
@@ -134,7 +136,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attend(self, q, k, v)  # Ulysses when the tokens are split over processes (skipdit_core.parallel)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 

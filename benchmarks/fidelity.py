@@ -97,9 +97,9 @@ def skip_cache_method(forecast: int) -> str:
     return "Skip-Cache" if forecast == 0 else f"Skip-Cache + forecast {forecast}"
 
 
-def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecasts=(0,)) -> list[dict]:
+def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecasts=(0,), damping: float = 1.0) -> list[dict]:
     rows = []
-    for cache in settings(intervals, windows, 1, grid, tuple(forecasts))[1:]:
+    for cache in settings(intervals, windows, 1, grid, tuple(forecasts), damping)[1:]:
         stats = {}
 
         def run(req, cache=cache):
@@ -108,7 +108,8 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
             return result
 
         window = f"{cache.start:g}->{cache.end:g}"
-        setting = f"n={cache.interval} {window}" + (f" forecast {cache.forecast}" if cache.forecast else "")
+        damped = f" damping {cache.forecast_damping:g}" if cache.forecast and cache.forecast_damping != 1.0 else ""
+        setting = f"n={cache.interval} {window}" + (f" forecast {cache.forecast}{damped}" if cache.forecast else "")
         rows.append({"method": skip_cache_method(cache.forecast), "setting": setting,
                      "interval": cache.interval, "window": window, "forecast": cache.forecast, **traj.compare(run),
                      "compute": stats["compute"]})
@@ -208,6 +209,7 @@ def main() -> None:
     p.add_argument("--twin", help="its vanilla twin (default: the pair's)")
     p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
                    help="Skip-Cache forecast orders of the cut state (0: the paper's reuse)")
+    p.add_argument("--forecast-damping", type=float, default=1.0, help="forecast_damping of the forecast orders")
     p.add_argument("--skip-peers", nargs="*", default=[], choices=list(METHODS),
                    help="peer methods to run on the skip model too (e.g. taylorseer: forecasting without the skips' cut)")
     p.add_argument("--classes", type=int, nargs="+", default=list(range(len(SHAPE_CLASSES))))
@@ -217,7 +219,7 @@ def main() -> None:
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     p.add_argument("--windows", nargs="+", default=WINDOWS)
     p.add_argument("--grid", action="store_true", help="every interval in every window")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each trajectory, uncached and cached alternating (the fastest of each kept)")
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "benchmarks"))
@@ -234,7 +236,7 @@ def main() -> None:
                         guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
     with torch.no_grad():
         skip_traj = Trajectories(skip, requests, lpips_fn, args.repeats)
-        skip_rows = skip_cache_rows(skip_traj, args.intervals, args.windows, args.grid, args.forecasts)
+        skip_rows = skip_cache_rows(skip_traj, args.intervals, args.windows, args.grid, args.forecasts, args.forecast_damping)
         peers = peer_rows(Trajectories(twin, requests, lpips_fn, args.repeats), args.methods)
         on_skip = peer_rows(skip_traj, args.skip_peers, " (skip model)")
     rows = skip_rows + peers + on_skip

@@ -60,11 +60,13 @@ def request(family: str, model, frames: int, size: int, steps: int) -> Request:
 
 
 def settings(intervals: list[int], windows: list[str], depth: int, grid: bool,
-             forecasts: tuple[int, ...] = (0,)) -> list[SkipCacheConfig | None]:
-    """None (uncached), then each (n, window) of the sweep once per forecast order."""
+             forecasts: tuple[int, ...] = (0,), damping: float = 1.0) -> list[SkipCacheConfig | None]:
+    """None (uncached), then each (n, window) of the sweep once per forecast order (`damping`: the
+    forecast orders' forecast_damping)."""
     def configs(n, window):
         start, end = (float(v) for v in window.split(":"))
-        return [SkipCacheConfig(interval=n, start=start, end=end, depth=depth, forecast=f) for f in forecasts]
+        return [SkipCacheConfig(interval=n, start=start, end=end, depth=depth, forecast=f,
+                                forecast_damping=damping if f else 1.0) for f in forecasts]
 
     out = [None] + [c for n in intervals for c in configs(n, windows[0])]
     for window in windows[1:]:
@@ -103,6 +105,7 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="every interval in every window")
     p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
                    help="forecast orders of the cut state to time per setting (0: the paper's reuse)")
+    p.add_argument("--forecast-damping", type=float, default=1.0, help="forecast_damping of the forecast orders")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -123,7 +126,7 @@ def main() -> None:
         return min((generate(model, req, cache) for _ in range(args.repeats)), key=lambda r: r.seconds)
 
     rows = []
-    for cache in settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts)):
+    for cache in settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts), args.forecast_damping):
         result = fastest(cache)
         rows.append({
             "interval": cache.interval if cache else 1,

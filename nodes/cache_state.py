@@ -93,7 +93,8 @@ class SkipCacheSetup:
 
     def describe_settings(self) -> str:
         c = self.config
-        forecast = f", forecast order {c.forecast}" if c.forecast else ""  # none: the paper's reuse
+        damping = f" damped {c.forecast_damping:g}" if c.forecast and c.forecast_damping != 1.0 else ""
+        forecast = f", forecast order {c.forecast}{damping}" if c.forecast else ""  # none: the paper's reuse
         return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}"
 
 

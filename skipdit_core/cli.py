@@ -76,10 +76,12 @@ def _cache_config(args, family, interval):
     if args.cache_start_percent is not None or args.cache_end_percent is not None:
         return SkipCacheConfig.from_percent(
             args.cache_start_percent if args.cache_start_percent is not None else 0.3,
-            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth, args.cache_forecast)
+            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth, args.cache_forecast,
+            args.cache_forecast_damping)
     start = args.cache_start if args.cache_start is not None else base.start
     end = args.cache_end if args.cache_end is not None else base.end
-    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth, forecast=args.cache_forecast)
+    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth, forecast=args.cache_forecast,
+                           forecast_damping=args.cache_forecast_damping)
 
 
 def _request(args, model, family):
@@ -358,6 +360,9 @@ def cache_args(sp) -> None:
     sp.add_argument("--cache-forecast", type=int, choices=[0, 1, 2], default=0,
                     help="cached steps: 0 reuse the last full step's deep state (the paper), 1 / 2 forecast it "
                          "(a polynomial in t through the last 2 / 3 full steps)")
+    sp.add_argument("--cache-forecast-damping", type=float, default=1.0,
+                    help="the fraction of the forecast's change from the last full state applied (default 1: all "
+                         "of it; e.g. --cache-interval 3 --cache-forecast 1 --cache-forecast-damping 0.7)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,8 +127,8 @@ def rel_diff(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0):
-    return node.execute(model, n, "custom", "timesteps", start, end, depth, forecast).args[0]
+def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0, forecast_damping=1.0):
+    return node.execute(model, n, "custom", "timesteps", start, end, depth, forecast, forecast_damping).args[0]
 
 
 def compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, cfg) -> dict:
@@ -188,6 +188,11 @@ def run_check(check, nodes, pack, base_dir, loaded, records=None):
         n2_forecast = run_sampler(nodes, skip_cache(apply, model, 2, forecast=1), positive, positive, latent, steps, 1.0)
         result["block_calls_forecast"] = counts["calls"]
         result["forecast_differs"] = not bool(torch.equal(n2_forecast, runs["n2"])) and bool(torch.isfinite(n2_forecast).all())
+        # forecast_damping 0 feeds the last full state (the paper's reuse), 0.5 something between
+        undamped = run_sampler(nodes, skip_cache(apply, model, 2, forecast=1, forecast_damping=0.0), positive, positive, latent, steps, 1.0)
+        half = run_sampler(nodes, skip_cache(apply, model, 2, forecast=1, forecast_damping=0.5), positive, positive, latent, steps, 1.0)
+        result["damping_zero_is_reuse"] = bool(torch.equal(undamped, runs["n2"]))
+        result["damping_half_differs"] = not bool(torch.equal(half, runs["n2"])) and not bool(torch.equal(half, n2_forecast))
         # The input model is untouched: no state, no patches, and it samples as before.
         options = model.model_options["transformer_options"]
         result["input_untouched"] = state_mod.STATE_KEY not in options and not options.get("patches_replace")

@@ -293,6 +293,7 @@ def test_skip_cache_on_core_hunyuan_dit(inprocess):
     assert r["block_calls_n2"] == steps // 2 * depth + steps // 2 * 2
     assert 0 < r["n2_rel_diff"] < 0.5
     assert r["block_calls_forecast"] == r["block_calls_n2"] and r["forecast_differs"]  # forecast on core's patches
+    assert r["damping_zero_is_reuse"] and r["damping_half_differs"]
     assert r["input_untouched"] and r["plain_again_identical"]  # removing the node removes the effect
     assert r["twice"] == {"interval": 2, "patched_blocks": [1, 2, 3, 4], "own_state": True, "wrappers": [1, 1]}
     (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Hunyuan-DiT (ComfyUI), n=2") and "forecast" not in m]

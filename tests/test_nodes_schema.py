@@ -248,6 +248,8 @@ def test_cache_config_auto_custom_and_percent():
     assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1) == SkipCacheConfig(2, 1000, 20, 4)
     assert adapters.cache_config("dit", 2, "auto", "timesteps", 0, 0, 1, max_depth=2).depth == 2  # capped
     assert adapters.cache_config("hunyuan", 2, "custom", "timesteps", 800, 100, 2) == SkipCacheConfig(2, 800, 100, 2)
+    damped = adapters.cache_config("latte", 3, "custom", "percent", 0, 100, 1, forecast=1, forecast_damping=0.7)
+    assert damped == SkipCacheConfig(3, 1000, 0, 1, forecast=1, forecast_damping=0.7)
     assert adapters.cache_config("latte_t2v", 2, "custom", "percent", 30, 95, 1) == SkipCacheConfig(2, 700, 50, 1)
     with pytest.raises(ValueError, match="0..100"):
         adapters.cache_config("latte", 2, "custom", "percent", 300, 95, 1)

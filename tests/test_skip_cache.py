@@ -342,7 +342,36 @@ def test_forecast_follows_a_cut_state_that_moves_linearly_in_t():
         assert fed == {900.0: False, 850.0: False, 750.0: exact, 700.0: exact}, order
 
 
+def test_forecast_damping_moves_the_forecast_toward_the_last_full_state():
+    """damping d feeds h0 + d (p(t) - h0): 1 is the polynomial itself, 0 the last full state (reuse)."""
+    states = {900.0: torch.tensor([1.0, 2.0]), 800.0: torch.tensor([2.0, 4.0])}
+    plain, damped, none = CutForecast(1), CutForecast(1, 0.7), CutForecast(1, 0.0)
+    for f in (plain, damped, none):
+        for t, h in states.items():
+            f.add(t, h)
+    assert torch.allclose(plain.predict(700.0), torch.tensor([3.0, 6.0]))
+    assert torch.allclose(damped.predict(700.0), torch.tensor([2.7, 5.4]))
+    assert torch.equal(none.predict(700.0), states[800.0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forecast_damping_zero_is_reuse_and_one_is_the_plain_forecast(family):
+    model = tiny(family)
+    inp = inputs(family, model)
+    config = SkipCacheConfig(interval=3, start=1000, end=0)
+    reuse, _ = run_loop(model, inp, config)
+    zero, _ = run_loop(model, inp, replace(config, forecast=1, forecast_damping=0.0))
+    assert torch.equal(zero, reuse)
+    plain, _ = run_loop(model, inp, replace(config, forecast=2))
+    one, _ = run_loop(model, inp, replace(config, forecast=2, forecast_damping=1.0))
+    half, _ = run_loop(model, inp, replace(config, forecast=2, forecast_damping=0.5))
+    assert torch.equal(one, plain) and not torch.equal(half, plain) and not torch.equal(half, reuse)
+
+
 def test_forecast_setting_is_checked_and_named():
+    with pytest.raises(ValueError, match=r"forecast damping must be in 0..1"):
+        SkipCacheConfig(forecast=1, forecast_damping=1.5)
+    assert SkipCacheConfig(interval=3, forecast=1, forecast_damping=0.7).describe() == "n=3 700->50 k=1 forecast=1 damping=0.7"
     with pytest.raises(ValueError, match=r"forecast must be one of \(0, 1, 2\)"):
         SkipCacheConfig(forecast=3)
     assert SkipCacheConfig(interval=3, forecast=2).describe() == "n=3 700->50 k=1 forecast=2"

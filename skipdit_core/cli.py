@@ -99,11 +99,15 @@ def _request(args, model, family):
                    steps=args.steps, guidance=args.guidance, seed=args.seed)
 
 
+def _device(requested: Optional[str]) -> str:
+    """--device, else cuda when there is one, else cpu."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _load(args):
     from .loading import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
+    return load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=_device(args.device))
 
 
 def _load_vae(args, device):
@@ -206,7 +210,7 @@ def cmd_sample_many(args) -> int:
 
     about = {"checkpoint": args.checkpoint, "family": ckpt.family, "sampler": req.sampler, "steps": req.steps,
              "guidance": req.guidance, "frames": req.frames, "size": req.size, "device": str(device), "dtype": args.dtype}
-    summary = run(model, ckpt.family, req, settings, Path(args.out), args.num_samples, args.batch_size, labels,
+    summary = run(model, req, settings, Path(args.out), args.num_samples, args.batch_size, labels,
                   to_array, procs, progress=not args.no_progress, about=about)
     if procs.main:
         for row in summary["settings"]:
@@ -221,7 +225,7 @@ def cmd_sample_many(args) -> int:
 def _processes(args):
     """This process among those launched together, its GPU chosen by its local rank; `sample` on several
     processes needs --parallel (sample-many shards samples instead)."""
-    from .sample_many import Processes
+    from .parallel import Processes
 
     procs = Processes.from_environment()
     if args.device is None and torch.cuda.is_available():
@@ -505,7 +509,7 @@ def cmd_analyze(args) -> int:
 
     panels = []
     for path in [args.checkpoint] + ([args.twin] if args.twin else []):
-        model, ckpt = load_model(path, dtype=DTYPES[args.dtype], device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, ckpt = load_model(path, dtype=DTYPES[args.dtype], device=_device(args.device))
         req = _request(args, model, ckpt.family)
         if not panels:
             skip_model, skip_req = model, req
@@ -559,7 +563,7 @@ def cmd_encode_text(args) -> int:
     shapes = te.write_embeddings(plan, args.family, [args.text_encoder, args.text_encoder_2],
                                  max_lengths=[args.max_length, args.max_length_2], negative_prompt=args.negative_prompt,
                                  batch_size=args.batch_size, dtype=DTYPES[args.dtype],
-                                 device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                                 device=_device(args.device))
     paths = list(dict.fromkeys(path for _, path in plan.items))
     where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
     print(f"wrote {where}: " + ", ".join(f"{k} {s}" for k, s in shapes.items()))

@@ -28,11 +28,48 @@ Launch under torchrun / accelerate launch (the process group is joined from the 
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those launched together (torchrun / accelerate set the variables)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Processes":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def join(self, device: torch.device) -> None:
+        """Join the process group of the launch (once), NCCL for GPUs and gloo for the CPU."""
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def gather(self, obj) -> list:
+        """`obj` of every process, in rank order (the object itself when alone)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
 
 class CFGParallel:
@@ -127,3 +164,15 @@ def attend(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if bias is not None:
         raise ValueError("split self-attention takes no mask")
     return split.attention(q, k, v)
+
+
+def shard_tokens(model: nn.Module, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`x` itself, or this process's slice of it along `dim` when `model`'s tokens are split."""
+    split: Optional[SequenceParallel] = getattr(model, "sequence_parallel", None)
+    return x if split is None else split.shard(x, dim)
+
+
+def gather_tokens(model: nn.Module, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`x` itself, or every process's slice of it along `dim` when `model`'s tokens are split."""
+    split: Optional[SequenceParallel] = getattr(model, "sequence_parallel", None)
+    return x if split is None else split.gather(x, dim)

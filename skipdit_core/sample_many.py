@@ -36,49 +36,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .parallel import Processes
 from .pipeline import Request, generate
 from .skip_cache import SkipCacheConfig
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among those launched together (torchrun / accelerate set the variables)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> "Processes":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def join(self, device: torch.device) -> None:
-        """Join the process group of the launch (once), NCCL for GPUs and gloo for the CPU."""
-        import torch.distributed as dist
-
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def gather(self, obj) -> list:
-        """`obj` of every process, in rank order (the object itself when alone)."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 @dataclass(frozen=True)
@@ -119,16 +79,16 @@ def sample_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.npy"
 
 
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write `array` so that `path` either does not exist or is complete (a killed write leaves a .tmp)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` a hidden temporary beside `path`, then rename it to `path`: `path` either does not
+    exist or is complete (a killed write leaves a .<name>.<pid>.tmp<suffix>)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
     os.replace(tmp, path)
 
 
 def run(
     model,
-    family: str,
     base: Request,
     settings: Sequence[Setting],
     out: Path,
@@ -167,7 +127,8 @@ def run(
             indices = groups[g]
             result = generate(model, batch_request(base, indices, base.seed + g, labels), setting.cache)
             for j, i in enumerate(indices):
-                save_atomic(sample_path(folder, i), to_array(result.sample[j:j + 1]))
+                array = to_array(result.sample[j:j + 1])
+                replace_atomically(sample_path(folder, i), lambda tmp: np.save(tmp, array))
             made += len(indices)
             stats, bound = stats or result.stats, result.speedup_bound
             if bar is not None:
@@ -175,9 +136,7 @@ def run(
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        shares = processes.gather({"made": made, "seconds": seconds, "stats": stats and stats.summary(),
-                                   "full": stats and stats.full_steps, "cached": stats and stats.cached_steps,
-                                   "blocks": stats and (stats.blocks_run, stats.blocks_uncached), "bound": bound})
+        shares = processes.gather({"made": made, "seconds": seconds, "stats": stats, "bound": bound})
         done = [s for s in shares if s["made"]]
         wall = max(s["seconds"] for s in shares)
         made_all = sum(s["made"] for s in shares)
@@ -185,18 +144,17 @@ def run(
                "samples": num_samples, "made_this_run": made_all, "already_complete": num_samples - made_all,
                "wall_seconds": round(wall, 3), "samples_per_second": round(made_all / wall, 4) if made_all and wall > 0 else None,
                "npz": str(out / f"{setting.name}.npz")}
-        if done and done[0]["full"] is not None:
-            blocks_run, blocks_all = done[0]["blocks"]
-            row.update(full_steps=done[0]["full"], cached_steps=done[0]["cached"], block_compute=round(blocks_run / blocks_all, 4),
-                       speedup_bound=round(done[0]["bound"], 4), per_trajectory=done[0]["stats"])
+        if done and done[0]["stats"] is not None:
+            first = done[0]["stats"]  # every batch of a setting has the same schedule
+            row.update(full_steps=first.full_steps, cached_steps=first.cached_steps,
+                       block_compute=round(first.blocks_run / first.blocks_uncached, 4),
+                       speedup_bound=round(done[0]["bound"], 4), per_trajectory=first.summary())
         summary["settings"].append(row)
         processes.barrier()  # every file of this setting is written
         if processes.main:
             write_npz(folder, out / f"{setting.name}.npz", num_samples, labels)
     if processes.main:
-        tmp = out / f".summary.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, out / "summary.json")
+        replace_atomically(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     processes.barrier()
     return summary
 
@@ -208,6 +166,4 @@ def write_npz(folder: Path, path: Path, num_samples: int, labels: Optional[Seque
         raise RuntimeError(f"{folder}: {len(missing)} of {num_samples} samples missing (first: {sample_path(folder, missing[0]).name})")
     arrays = np.stack([np.load(sample_path(folder, i)) for i in range(num_samples)])
     extra = {"labels": np.array([labels[i % len(labels)] for i in range(num_samples)], dtype=np.int64)} if labels else {}
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, arr_0=arrays, **extra)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: np.savez(tmp, arr_0=arrays, **extra))

@@ -61,7 +61,7 @@ def main(out_path: str) -> None:
 
     from skipdit_core.parallel import CFGParallel, SequenceParallel
     from skipdit_core.pipeline import generate
-    from skipdit_core.sample_many import Processes
+    from skipdit_core.parallel import Processes
 
     procs = Processes.from_environment()
     procs.join(torch.device("cpu"))

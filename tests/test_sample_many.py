@@ -19,7 +19,8 @@ from helpers import randomize
 from skipdit_core import models
 from skipdit_core.loading import save_safetensors
 from skipdit_core.pipeline import Request, generate
-from skipdit_core.sample_many import Processes, Setting, batch_request, batches, run, write_npz
+from skipdit_core.parallel import Processes
+from skipdit_core.sample_many import Setting, batch_request, batches, write_npz
 from skipdit_core.skip_cache import SkipCacheConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..parallel import gather_tokens, shard_tokens
 from .layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_dit_weights, sincos_grid, unpatchify
 from .ustack import SkipBranchesMixin, StackCut, UStack
 
@@ -77,13 +78,9 @@ class DiT(SkipBranchesMixin, nn.Module):
         h, w = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
         tokens = self.x_embedder(x.to(self.dtype)) + self._pos_embed(h, w).to(self.dtype)
         cond = self.t_embedder(t) + self.y_embedder(y)
-        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
-        if split is not None:
-            tokens = split.shard(tokens)
+        tokens = shard_tokens(self, tokens)  # this process's tokens, when they are split (skipdit_core.parallel)
         tokens = self.stack.run(tokens, lambda i, z: self.blocks[i](z, cond), self.fuse, cut)
-        out = self.final_layer(tokens, cond)
-        if split is not None:
-            out = split.gather(out)
+        out = gather_tokens(self, self.final_layer(tokens, cond))
         return unpatchify(out, h, w, c.patch_size, c.out_channels)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import attend
+from ..parallel import attend, gather_tokens, shard_tokens
 from .layers import FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, fp32_layer_norm, modulate, timestep_embedding, unpatchify
 from .ustack import StackCut, UStack, fuse_skip
 
@@ -405,14 +405,10 @@ class HunyuanDiT(nn.Module):
             rope = self.image_rope(h, w, x.device)
         else:
             rope = (rope[0].to(x.device, torch.float32), rope[1].to(x.device, torch.float32))
-        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
-        if split is not None:
-            tokens, rope = split.shard(tokens), (split.shard(rope[0], 0), split.shard(rope[1], 0))
+        # this process's tokens and their RoPE rows, when the tokens are split (skipdit_core.parallel)
+        tokens, rope = shard_tokens(self, tokens), (shard_tokens(self, rope[0], 0), shard_tokens(self, rope[1], 0))
         tokens = self.stack.run(tokens, lambda i, z: self.blocks[i](z, cond, text, rope), self.fuse, cut)
-        out = self.final_layer(tokens, cond)
-        if split is not None:
-            out = split.gather(out)
-        return unpatchify(out, h, w, c.patch_size, c.out_channels)
+        return unpatchify(gather_tokens(self, self.final_layer(tokens, cond)), h, w, c.patch_size, c.out_channels)
 
     def _init_weights(self) -> None:
         """Tencent's initialisation: xavier linears, zeroed modulations and output layer."""

@@ -13,6 +13,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from ..parallel import gather_tokens, shard_tokens
 from .layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_dit_weights, sincos_1d, sincos_grid, unpatchify
 from .dit import dit_core_fields
 from .ustack import SkipBranchesMixin, StackCut, UStack
@@ -102,9 +103,7 @@ class Latte(SkipBranchesMixin, nn.Module):
         h, w = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
         tokens = self.x_embedder(rearrange(x, "b f c h w -> (b f) c h w").to(self.dtype))
         tokens = tokens + self._pos_embed(h, w).to(self.dtype)
-        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
-        if split is not None:
-            tokens = split.shard(tokens)
+        tokens = shard_tokens(self, tokens)  # this process's tokens, when they are split (skipdit_core.parallel)
 
         cond = self.t_embedder(t)
         if c.num_classes > 0:
@@ -124,10 +123,7 @@ class Latte(SkipBranchesMixin, nn.Module):
             return rearrange(z, "(b t) f d -> (b f) t d", b=b)
 
         tokens = self.stack.run(tokens, run_pair, self.fuse, cut)
-        out = self.final_layer(tokens, cond_spatial)
-        if split is not None:
-            out = split.gather(out)
-        out = unpatchify(out, h, w, c.patch_size, c.out_channels)
+        out = unpatchify(gather_tokens(self, self.final_layer(tokens, cond_spatial)), h, w, c.patch_size, c.out_channels)
         return rearrange(out, "(b f) c h w -> b f c h w", b=b)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:

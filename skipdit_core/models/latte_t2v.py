@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..parallel import attend
+from ..parallel import attend, gather_tokens, shard_tokens
 from .layers import PatchEmbed, sincos_1d, sincos_2d, timestep_embedding, unpatchify
 from .ustack import SkipBranchesMixin, StackCut, UStack
 
@@ -319,9 +319,7 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
             bias = ((1 - keep) * -10000.0)[:, None, None, :].repeat_interleave(frames, dim=0)
         # Added before the first temporal block only, and not for a single frame (as diffusers).
         temp_pos = self.temp_pos_embed[:, :frames].to(dtype) if frames > 1 else None
-        split = getattr(self, "sequence_parallel", None)  # tokens split over processes (skipdit_core.parallel)
-        if split is not None:
-            h = split.shard(h)
+        h = shard_tokens(self, h)  # this process's tokens, when they are split (skipdit_core.parallel)
         t_temporal = t_mod.repeat_interleave(h.shape[1], dim=0)  # ((B T), 6D), T this process's tokens
 
         def run_unit(i: int, h: torch.Tensor) -> torch.Tensor:
@@ -337,10 +335,7 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
 
         shift, scale = (self.scale_shift_table[None] + t_emb.repeat_interleave(frames, dim=0)[:, None]).chunk(2, dim=1)
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale) + shift
-        h = self.proj_out(h)
-        if split is not None:
-            h = split.gather(h)
-        out = unpatchify(h, gh, gw, c.patch_size, c.out_channels)  # ((B F), C_out, H, W)
+        out = unpatchify(gather_tokens(self, self.proj_out(h)), gh, gw, c.patch_size, c.out_channels)  # ((B F), C_out, H, W)
         return rearrange(out, "(b f) c h w -> b c f h w", b=B)
 
 

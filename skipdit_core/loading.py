@@ -330,6 +330,11 @@ def save_safetensors(state_dict: dict, dst: str | os.PathLike, family: str, conf
         for k, v in state_dict.items()
     }
     metadata = {META_FAMILY: family, META_CONFIG: json.dumps(asdict(config)), "format": "pt"}
+    write_safetensors(tensors, dst, metadata)
+
+
+def write_safetensors(tensors: dict, dst: str | os.PathLike, metadata: dict) -> None:
+    """Write `tensors` as .safetensors at `dst` (folders made), atomically and with the user's usual permissions."""
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     tmp = f"{dst}.tmp"
     save_file(tensors, tmp, metadata=metadata)

@@ -38,7 +38,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-# The videos training/data.py's VideoFolder reads (its VIDEO_EXTENSIONS; a test keeps the two equal).
+from .loading import write_safetensors
+
+# The videos --caption-dir writes sidecars for; training/data.py's VideoFolder reads the same ones.
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt")
 T5_TYPES = ("t5", "mt5")  # T5EncoderModel / MT5EncoderModel (umT5 is another architecture)
@@ -359,14 +361,6 @@ def plan_outputs(family: str, *, prompt: Optional[str] = None, captions: Optiona
     return OutputPlan([(c, os.path.join(output, f"{n:0{width}d}.safetensors")) for n, c in lines])
 
 
-def _save(tensors: dict, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)  # a reader never sees a half-written file
-
-
 def write_embeddings(plan: OutputPlan, family: str, encoders: EncodersArg, *,
                      max_lengths: Optional[Sequence[Optional[int]]] = None, negative_prompt: Optional[str] = None,
                      batch_size: int = 8, device="cpu", dtype: torch.dtype = torch.float32,
@@ -397,9 +391,9 @@ def write_embeddings(plan: OutputPlan, family: str, encoders: EncodersArg, *,
             batches.append(tensors)
             continue
         for row, (caption, path) in enumerate(batch):
-            _save({k: v[row:row + 1].clone() for k, v in tensors.items()}, path, {**meta, "caption": caption})
+            write_safetensors({k: v[row:row + 1].clone() for k, v in tensors.items()}, path, {**meta, "caption": caption})
     if not plan.batched:
         return {k: (1, *v.shape[1:]) for k, v in tensors.items()}
     tensors = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    _save(tensors, plan.items[0][1], {**meta, "captions": json.dumps([c for c, _ in plan.items], ensure_ascii=False)})
+    write_safetensors(tensors, plan.items[0][1], {**meta, "captions": json.dumps([c for c, _ in plan.items], ensure_ascii=False)})
     return {k: tuple(v.shape) for k, v in tensors.items()}

@@ -129,6 +129,10 @@ def test_latte_t2v_prompt_file(encoders, tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["caption"] == "A Cat walks on the BEACH" and meta["family"] == "latte_t2v" and meta["negative_prompt"] == ""
+    # written like the checkpoints (loading.write_safetensors): readable as the user's umask allows, not 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_latte_t2v_file_samples_and_its_mask_equals_the_authors_cut(encoders, tmp_path, capsys):

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from skipdit_core.demo import SHAPE_CLASSES  # the bundled demo model's labels are these classes
+from skipdit_core.text_encoding import VIDEO_EXTENSIONS  # the videos `skipdit encode-text --caption-dir` writes sidecars for
+from skipdit_core.text_encoding import sidecar_path as _sidecar_path  # <video>.safetensors, which that command writes
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -183,10 +184,6 @@ def _list_files(root: str, extensions: tuple, kind: str) -> list[str]:
     if not files:
         raise ValueError(f"no {kind} files in {root!r} (searched recursively for {', '.join(extensions)})")
     return files
-
-
-def _sidecar_path(video_path: str) -> str:
-    return os.path.splitext(video_path)[0] + ".safetensors"
 
 
 def _load_text(path: str) -> dict:

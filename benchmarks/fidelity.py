@@ -29,8 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from peer_caches import METHODS, peer_cache  # noqa: E402
-from speed import WINDOWS, settings  # noqa: E402
+from peer_caches import METHODS, magcache_ratios, peer_cache  # noqa: E402
+from speed import WINDOWS, label, settings  # noqa: E402
 
 from skipdit_core.demo import DEMO_MODEL, SHAPE_CLASSES, VANILLA_TWIN  # noqa: E402
 
@@ -51,7 +51,11 @@ PEERS = {
     "pab": ("PAB", [{"spatial_skip": s, "temporal_skip": t} for s, t in ((2, 3), (3, 4), (4, 6))]),
     "fastercache": ("FasterCache", [{"uncond_skip": u, "attention_skip": a} for u, a in ((3, 2), (5, 2), (5, 3))]),
     "taylorseer": ("TaylorSeer", [{"interval": n} for n in (2, 3, 4, 6)]),
+    # diffusers' default (0.06, 3 skips in a row) and two more aggressive ones; 0.02 skipped 1 step of 50
+    "magcache": ("MagCache", [{"threshold": 0.06}, {"threshold": 0.12, "max_skip_steps": 4},
+                              {"threshold": 0.24, "max_skip_steps": 6}]),
 }
+CALIBRATION_SEED = 99  # MagCache calibrates on a trajectory outside the compared ones
 assert set(PEERS) == set(METHODS)
 
 
@@ -93,13 +97,16 @@ class Trajectories:
         return {k: mean(k) for k in ("psnr", "ssim", "speedup", "lpips")}
 
 
-def skip_cache_method(forecast: int) -> str:
-    return "Skip-Cache" if forecast == 0 else f"Skip-Cache + forecast {forecast}"
+def skip_cache_method(cache) -> str:
+    if cache.forecast == 0:
+        return "Skip-Cache"
+    return f"Skip-Cache + forecast {cache.forecast}" + (", empty steps" if cache.empty_steps else "")
 
 
-def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecasts=(0,), damping: float = 1.0) -> list[dict]:
+def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecasts=(0,), damping: float = 1.0,
+                    empty: bool = False) -> list[dict]:
     rows = []
-    for cache in settings(intervals, windows, 1, grid, tuple(forecasts), damping)[1:]:
+    for cache in settings(intervals, windows, 1, grid, tuple(forecasts), damping, empty=empty)[1:]:
         stats = {}
 
         def run(req, cache=cache):
@@ -108,10 +115,9 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
             return result
 
         window = f"{cache.start:g}->{cache.end:g}"
-        damped = f" damping {cache.forecast_damping:g}" if cache.forecast and cache.forecast_damping != 1.0 else ""
-        setting = f"n={cache.interval} {window}" + (f" forecast {cache.forecast}{damped}" if cache.forecast else "")
-        rows.append({"method": skip_cache_method(cache.forecast), "setting": setting,
-                     "interval": cache.interval, "window": window, "forecast": cache.forecast, **traj.compare(run),
+        rows.append({"method": skip_cache_method(cache), "setting": label(cache),
+                     "interval": cache.interval, "window": window, "forecast": cache.forecast, "empty": cache.empty_steps,
+                     **traj.compare(run),
                      "compute": stats["compute"]})
     return rows
 
@@ -121,10 +127,14 @@ def peer_rows(traj: Trajectories, methods: list[str], suffix: str = "") -> list[
     for method in methods:
         label, sweep = PEERS[method]
         label += suffix
+        calibrated = {}
+        if method == "magcache":  # the model's magnitude ratios, from diffusers' calibration run
+            req = replace(traj.requests[0], seed=CALIBRATION_SEED)
+            calibrated = {"mag_ratios": magcache_ratios(traj.model, req), "num_inference_steps": req.steps}
         for params in sweep:
             stats = {}
 
-            def run(req, method=method, params=params):
+            def run(req, method=method, params={**params, **calibrated}):
                 with peer_cache(traj.model, method, **params) as s:
                     result = generate(traj.model, req)
                 stats["compute"] = s.compute_fraction
@@ -175,12 +185,12 @@ def plot(rows: list[dict], path: str, x_axis: str = "speedup", title: str = "dem
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     ours = [r for r in rows if r["method"].startswith("Skip-Cache")]
     windows = list(dict.fromkeys(r["window"] for r in ours))
-    for forecast, style in zip(sorted({r.get("forecast", 0) for r in ours}), ("-", "--", ":")):
+    for method, style in zip(dict.fromkeys(r["method"] for r in ours), ("-", "--", ":", "-.")):
         for i, window in enumerate(windows):
-            pts = [r for r in ours if r["window"] == window and r.get("forecast", 0) == forecast]
+            pts = sorted([r for r in ours if r["window"] == window and r["method"] == method], key=lambda r: -r["compute"])
             if not pts:
                 continue
-            ns = f"n={pts[0]['interval']}" + (f"..{pts[-1]['interval']}" if len(pts) > 1 else "")
+            ns = f"n={min(r['interval'] for r in pts)}" + (f"..{max(r['interval'] for r in pts)}" if len(pts) > 1 else "")
             ax.plot([r[x_axis] for r in pts], [r["psnr"] for r in pts], marker="*", markersize=9, linewidth=1.5,
                     linestyle=style, color=plt.cm.autumn(0.85 * i / max(1, len(windows) - 1)),
                     label=f"{pts[0]['method']} {window}, {ns}")
@@ -210,6 +220,9 @@ def main() -> None:
     p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
                    help="Skip-Cache forecast orders of the cut state (0: the paper's reuse)")
     p.add_argument("--forecast-damping", type=float, default=1.0, help="forecast_damping of the forecast orders")
+    p.add_argument("--empty", action="store_true",
+                   help="also every n with m = 1..n-1 empty steps over the whole schedule (1000->0), per forecast order "
+                        ">= 1, with the forecast warm-up")
     p.add_argument("--skip-peers", nargs="*", default=[], choices=list(METHODS),
                    help="peer methods to run on the skip model too (e.g. taylorseer: forecasting without the skips' cut)")
     p.add_argument("--classes", type=int, nargs="+", default=list(range(len(SHAPE_CLASSES))))
@@ -236,7 +249,8 @@ def main() -> None:
                         guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
     with torch.no_grad():
         skip_traj = Trajectories(skip, requests, lpips_fn, args.repeats)
-        skip_rows = skip_cache_rows(skip_traj, args.intervals, args.windows, args.grid, args.forecasts, args.forecast_damping)
+        skip_rows = skip_cache_rows(skip_traj, args.intervals, args.windows, args.grid, args.forecasts, args.forecast_damping,
+                                    args.empty)
         peers = peer_rows(Trajectories(twin, requests, lpips_fn, args.repeats), args.methods)
         on_skip = peer_rows(skip_traj, args.skip_peers, " (skip model)")
     rows = skip_rows + peers + on_skip
@@ -260,9 +274,11 @@ def main() -> None:
               f"{r['ssim']:.4f} | {lp} |")
     families = [("Skip-Cache, reuse (the paper)", [r for r in skip_rows if r["forecast"] == 0])]
     if any(r["forecast"] for r in skip_rows):
-        families.append(("Skip-Cache, any forecast order", skip_rows))
+        families.append(("Skip-Cache, any forecast order", [r for r in skip_rows if not r["empty"]]))
+    if any(r["empty"] for r in skip_rows):
+        families.append(("Skip-Cache, any setting (forecast, empty steps, warm-up)", skip_rows))
     for axis, what in (("compute", "share of block compute (the machine-independent axis)"), ("speedup", "measured speedup")):
-        for name, ours in families:
+        for name, ours in [(name, ours) for name, ours in families if ours]:
             print(f"\nAt equal {what}, {name} against the peers on the twin:")
             lines = equal_speedup_check(ours, peers + on_skip, axis)
             for line in lines:

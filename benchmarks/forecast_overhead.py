@@ -6,7 +6,8 @@
 One model call per measurement, CFG batch of 2, random weights (time does not depend on them): a full
 step fills the cut-state history (order + 1 full steps at distinct timesteps), then cached steps are
 timed with forecast 0 (the paper's reuse), 1 and 2, alternating, `--repeats` rounds, the fastest of
-each kept. Also the forecast alone (the Horner loop on one cut state) and the memory the history holds.
+each kept. Also the forecast alone (the Horner loop on one cut state) and the memory the history holds;
+then an empty step (`empty_steps`: no unit runs, the stack output forecast) and what its history adds.
 """
 from __future__ import annotations
 
@@ -58,14 +59,18 @@ def main() -> None:
         run.end_step(cut)
         return seconds, cut
 
-    def filled_run(order):
-        """A run whose history holds order + 1 full steps (980, 960, 940), every later step cached."""
-        run = SkipCacheRun.for_model(SkipCacheConfig(interval=1000, start=1000, end=0, forecast=order), model)
+    def filled_run(order, empty_steps=0):
+        """A run whose history holds order + 1 full steps (980, 960, 940), every later step cached (with
+        `empty_steps`: empty)."""
+        config = SkipCacheConfig(interval=1000, start=1000, end=0, forecast=order, empty_steps=empty_steps)
+        run = SkipCacheRun.for_model(config, model)
         for t in (980.0, 960.0, 940.0)[: order + 1]:
             cut = StackCut(run.config.depth)
             with torch.no_grad():
                 model(x, torch.full((2,), t, device=device), y, cut=cut)
             run.history.add(t, cut.captured)
+            if run.outputs is not None:
+                run.outputs.add(t, cut.captured_output)
         return run
 
     runs = {order: filled_run(order) for order in (0, 1, 2)}
@@ -104,6 +109,19 @@ def main() -> None:
         held = sum(mib(t) for t in run.history.coeffs)
         print(f"{order:>8} {min(cached[order]) * 1e3:>15.2f} {min(cached[order]) / base - 1:>+9.1%} "
               f"{predict[order] * 1e3:>18.3f} {held:>12.2f}")
+    # Empty steps: no unit runs; the final layer takes the stack output forecast from its own history.
+    print(f"empty steps (no unit runs, the output forecast): {'forecast':>8} {'empty step ms':>14} {'vs full':>8} "
+          f"{'output history MiB':>19}")
+    for order in (0, 1, 2):
+        run = filled_run(order, empty_steps=999)
+        times = []
+        for _ in range(args.repeats):
+            run.counter = 1
+            seconds, cut = call(run, 900.0)
+            assert cut.kind == "empty"
+            times.append(seconds)
+        held = sum(mib(t) for t in run.outputs.coeffs)
+        print(f"{'':>48}{order:>8} {min(times) * 1e3:>14.2f} {min(times) / min(full):>8.1%} {held:>19.2f}")
 
 
 if __name__ == "__main__":

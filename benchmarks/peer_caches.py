@@ -4,7 +4,7 @@
         result = pipeline.generate(model, req)      # unchanged: one batched cond + uncond call per step
     print(stats.compute_fraction, result.seconds)
 
-All four run through diffusers' own hooks (`diffusers.hooks`, tested with diffusers 0.42); none is a
+All five run through diffusers' own hooks (`diffusers.hooks`, tested with diffusers 0.42); none is a
 re-implementation. Our model is not a diffusers model, so a thin adapter presents it the way each hook
 expects, only for the duration of the context and only on this model instance (no class of ours is
 patched, nothing in `skipdit_core` changes):
@@ -15,6 +15,7 @@ patched, nothing in `skipdit_core` changes):
 | "pab"         | `apply_pyramid_attention_broadcast`  | each `blocks.N.attn` is wrapped in `_AttentionAdapter` (a diffusers `AttentionModuleMixin`); even N are spatial, odd N temporal attention |
 | "fastercache" | `apply_faster_cache`                 | attention wrapped as for PAB; the denoiser-level hook (CFG-Cache) sits on the model itself, behind `_UncondFirstHook`, which presents our [cond, uncond] batch in the [uncond, cond] order the hook assumes and swaps the output back |
 | "taylorseer"  | `apply_taylorseer_cache`             | each `blocks.N.attn` and `blocks.N.mlp` is wrapped (`_AttentionAdapter`, `_Adapter`) and predicted by Taylor expansion (TaylorSeer's DiT code predicts both; diffusers' default hooks attention only) |
+| "magcache"    | `apply_mag_cache`                    | as FBCache: the hook's blocks are the stack units (`_PairUnit`); its magnitude ratios come from diffusers' own calibration mode (`magcache_ratios`) |
 
 Why pairs for FBCache: applied to the 2L raw blocks, the hook's tail residual would be "last temporal
 block output minus first spatial block output", two tensors in different layouts ((B*T, F, D) vs
@@ -49,6 +50,11 @@ Knobs (defaults in `METHODS`, for a 50-step DDIM run with guidance; timesteps ar
 - taylorseer: `interval` — full compute every N steps after `warmup` full steps, attention / MLP
   outputs predicted by an order-`order` Taylor expansion in between (factors kept in float32);
   1 = never skip.
+- magcache: `threshold` — skip every unit (the output is the input plus the last residual) while the
+  error accumulated from the calibrated magnitude ratios stays below it, at most `max_skip_steps` in a
+  row, never in the first `retention_ratio` of the `num_inference_steps` steps (diffusers' defaults);
+  `mag_ratios`: the model's ratios per step, from `magcache_ratios(model, request)` (diffusers'
+  calibration run); max_skip_steps=0 = never skip.
 """
 from __future__ import annotations
 
@@ -67,6 +73,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "pab": {"spatial_skip": 2, "temporal_skip": 3, "window": (100, 800)},
     "fastercache": {"uncond_skip": 5, "attention_skip": 2, "uncond_window": (-1, 641), "attention_window": (-1, 681)},
     "taylorseer": {"interval": 4, "order": 2, "warmup": 3},
+    "magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "num_inference_steps": 50,
+                 "mag_ratios": None},
 }
 
 # Module names of the attention layers as the hooks see them (`blocks.N.attn`, N even: spatial).
@@ -335,19 +343,8 @@ def _wrap_attention(s: _Session) -> None:
 
 def _apply_fbcache(s: _Session, threshold: float) -> None:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
-    model = s.model
-    if model.stack.num_skips:
-        raise ValueError(
-            "fbcache runs on a vanilla model: with long skips, the fused skip inputs of the skipped units "
-            "would break the cached residual"
-        )
-    TransformerBlockRegistry.register(
-        _PairUnit, TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
-    )
-    units = _PairUnits(model.stack.num_units)
-    s.swap(model, "stack", _PairStackView(model.stack, units.transformer_blocks))
+    units = _pair_units(s, "fbcache")
     apply_first_block_cache(units, FirstBlockCacheConfig(threshold=threshold))
     s.hook_root(units)
 
@@ -423,13 +420,68 @@ def _apply_taylorseer(s: _Session, interval: int, order: int, warmup: int) -> No
     ))
 
 
-_APPLY = {"fbcache": _apply_fbcache, "pab": _apply_pab, "fastercache": _apply_fastercache, "taylorseer": _apply_taylorseer}
+def _pair_units(s: _Session, method: str) -> nn.Module:
+    """The stack units as diffusers transformer blocks, for the hooks that cache a vanilla stack's residual."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    model = s.model
+    if model.stack.num_skips:
+        raise ValueError(
+            f"{method} runs on a vanilla model: with long skips, the fused skip inputs of the skipped units "
+            "would break the cached residual"
+        )
+    TransformerBlockRegistry.register(
+        _PairUnit, TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+    )
+    units = _PairUnits(model.stack.num_units)
+    s.swap(model, "stack", _PairStackView(model.stack, units.transformer_blocks))
+    return units
+
+
+def _apply_magcache(s: _Session, threshold: float, max_skip_steps: int, retention_ratio: float,
+                    num_inference_steps: int, mag_ratios, calibrate: bool = False) -> None:
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    if mag_ratios is None and not calibrate:
+        raise ValueError("magcache needs the model's mag_ratios: take them from magcache_ratios(model, request)")
+    units = _pair_units(s, "magcache")
+    apply_mag_cache(units, MagCacheConfig(
+        threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio,
+        num_inference_steps=num_inference_steps, mag_ratios=None if calibrate else list(mag_ratios), calibrate=calibrate,
+    ))
+    s.hook_root(units)
+
+
+def magcache_ratios(model: nn.Module, request) -> list[float]:
+    """MagCache's magnitude ratios for `model` on `request`'s schedule: one run of diffusers' calibration
+    mode (which computes every step and prints the ratios at the end; they are read from that print)."""
+    import contextlib
+    import io
+    import re
+
+    from skipdit_core.pipeline import generate
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), peer_cache(model, "magcache", calibrate=True,
+                                                         num_inference_steps=request.steps):
+        generate(model, request)
+    found = re.findall(r"\[([-0-9.,e\s]+)\]", printed.getvalue())
+    if not found:
+        raise RuntimeError(f"diffusers' MagCache calibration printed no ratios: {printed.getvalue()!r}")
+    ratios = [float(v) for v in found[-1].split(",")]
+    if len(ratios) != request.steps:
+        raise RuntimeError(f"MagCache calibration gave {len(ratios)} ratios for {request.steps} steps")
+    return ratios
+
+
+_APPLY = {"fbcache": _apply_fbcache, "pab": _apply_pab, "fastercache": _apply_fastercache, "taylorseer": _apply_taylorseer,
+          "magcache": _apply_magcache}
 
 
 @contextmanager
 def peer_cache(model: nn.Module, method: str, **params) -> Iterator[PeerStats]:
-    """Apply `method` ("fbcache", "pab", "fastercache", "taylorseer") to a Latte `model` in place for
-    the duration; restores the model exactly on exit (also on an exception).
+    """Apply `method` ("fbcache", "pab", "fastercache", "taylorseer", "magcache") to a Latte `model`
+    in place for the duration; restores the model exactly on exit (also on an exception).
 
     params override `METHODS[method]`. The model keeps its call signature, model(x, t, y, cut=None)
     with x (B, F, C, H, W), t (B,) timesteps 0..999, y (B,) labels, so `pipeline.generate(model, req)`
@@ -437,7 +489,7 @@ def peer_cache(model: nn.Module, method: str, **params) -> Iterator[PeerStats]:
     """
     if method not in METHODS:
         raise ValueError(f"unknown peer cache {method!r}; known: {', '.join(METHODS)}")
-    unknown = set(params) - set(METHODS[method])
+    unknown = set(params) - set(METHODS[method]) - ({"calibrate"} if method == "magcache" else set())
     if unknown:
         raise TypeError(f"{method} takes {', '.join(METHODS[method])}; got {', '.join(sorted(unknown))}")
     if getattr(model, "family", None) != "latte" or not all(
@@ -458,4 +510,4 @@ def peer_cache(model: nn.Module, method: str, **params) -> Iterator[PeerStats]:
         session.close()
 
 
-__all__ = ["METHODS", "PeerStats", "peer_cache"]
+__all__ = ["METHODS", "PeerStats", "magcache_ratios", "peer_cache"]

@@ -59,19 +59,38 @@ def request(family: str, model, frames: int, size: int, steps: int) -> Request:
                    sampler="ddim", steps=steps, guidance=4.0, seed=0)
 
 
+EMPTY_WINDOW = "1000:0"  # where `settings(empty=True)` adds the empty-step schedules: the whole schedule
+
+
 def settings(intervals: list[int], windows: list[str], depth: int, grid: bool,
-             forecasts: tuple[int, ...] = (0,), damping: float = 1.0) -> list[SkipCacheConfig | None]:
+             forecasts: tuple[int, ...] = (0,), damping: float = 1.0, empty_steps: int = 0, warmup: bool = False,
+             empty: bool = False) -> list[SkipCacheConfig | None]:
     """None (uncached), then each (n, window) of the sweep once per forecast order (`damping`: the
-    forecast orders' forecast_damping)."""
+    forecast orders' forecast_damping; `empty_steps` and `warmup`: their empty_steps, capped at n - 1, and
+    forecast_warmup). `empty`: then, in EMPTY_WINDOW, every n with every m = 1..n-1 empty steps, per
+    forecast order >= 1, with the forecast warm-up."""
     def configs(n, window):
         start, end = (float(v) for v in window.split(":"))
         return [SkipCacheConfig(interval=n, start=start, end=end, depth=depth, forecast=f,
-                                forecast_damping=damping if f else 1.0) for f in forecasts]
+                                forecast_damping=damping if f else 1.0, empty_steps=min(empty_steps, n - 1) if f else 0,
+                                forecast_warmup=warmup and f > 0) for f in forecasts]
 
     out = [None] + [c for n in intervals for c in configs(n, windows[0])]
     for window in windows[1:]:
         out += [c for n in (intervals if grid else intervals[:1]) for c in configs(n, window)]
+    if empty:
+        start, end = (float(v) for v in EMPTY_WINDOW.split(":"))
+        out += [SkipCacheConfig(interval=n, start=start, end=end, depth=depth, forecast=f, forecast_damping=damping,
+                                empty_steps=m, forecast_warmup=True)
+                for n in intervals for m in range(1, n) for f in forecasts if f > 0]
     return out
+
+
+def label(cache: SkipCacheConfig) -> str:
+    """A setting as the tables print it, e.g. "n=3 1000->0 forecast 1 damping 0.7 empty 1 warmup"."""
+    damped = f" damping {cache.forecast_damping:g}" if cache.forecast and cache.forecast_damping != 1.0 else ""
+    return (f"n={cache.interval} {cache.start:g}->{cache.end:g}" + (f" forecast {cache.forecast}{damped}" if cache.forecast else "")
+            + (f" empty {cache.empty_steps}" if cache.empty_steps else "") + (" warmup" if cache.forecast_warmup else ""))
 
 
 def plot(rows: list[dict], title: str, path: str) -> None:
@@ -106,6 +125,9 @@ def main() -> None:
     p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
                    help="forecast orders of the cut state to time per setting (0: the paper's reuse)")
     p.add_argument("--forecast-damping", type=float, default=1.0, help="forecast_damping of the forecast orders")
+    p.add_argument("--empty-steps", type=int, default=0,
+                   help="empty_steps of the forecast orders (capped at n - 1): cached steps that run no unit")
+    p.add_argument("--forecast-warmup", action="store_true", help="forecast_warmup of the forecast orders")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -126,11 +148,13 @@ def main() -> None:
         return min((generate(model, req, cache) for _ in range(args.repeats)), key=lambda r: r.seconds)
 
     rows = []
-    for cache in settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts), args.forecast_damping):
+    for cache in settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts), args.forecast_damping,
+                          args.empty_steps, args.forecast_warmup):
         result = fastest(cache)
         rows.append({
             "interval": cache.interval if cache else 1,
             "forecast": cache.forecast if cache else 0,
+            "empty": cache.empty_steps if cache else 0,
             "window": f"{cache.start:g}->{cache.end:g}" if cache else "-",
             "full": result.stats.full_steps if cache else args.steps,
             "cached": result.stats.cached_steps if cache else 0,
@@ -151,10 +175,12 @@ def main() -> None:
         print(json.dumps({"title": title, "args": vars(args), "rows": rows}, indent=2))
         return
     print(title)
-    print(f"{'n':>3} {'window':>9} {'forecast':>8} {'full':>5} {'cached':>6} {'seconds':>8} {'speedup':>8} {'bound':>6} "
-          f"{'of bound':>9}")
+    empty = any(r["empty"] for r in rows)  # the empty column only where some setting has empty steps
+    print(f"{'n':>3} {'window':>9} {'forecast':>8}" + (f" {'empty':>5}" if empty else "")
+          + f" {'full':>5} {'cached':>6} {'seconds':>8} {'speedup':>8} {'bound':>6} {'of bound':>9}")
     for r in rows:
-        print(f"{r['interval']:>3} {r['window']:>9} {r['forecast']:>8} {r['full']:>5} {r['cached']:>6} {r['seconds']:>8.2f} "
+        print(f"{r['interval']:>3} {r['window']:>9} {r['forecast']:>8}" + (f" {r['empty']:>5}" if empty else "")
+              + f" {r['full']:>5} {r['cached']:>6} {r['seconds']:>8.2f} "
               f"{r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['of_bound']:>8.1%}")
 
 

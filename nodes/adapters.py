@@ -224,19 +224,22 @@ WINDOW_UNITS = ("timesteps", "percent")
 
 def cache_config(
     family: str, interval: int, settings: str, unit: str, start: float, end: float, depth: int,
-    max_depth: Optional[int] = None, forecast: int = 0, forecast_damping: float = 1.0,
+    max_depth: Optional[int] = None, forecast: int = 0, forecast_damping: float = 1.0, empty_steps: int = 0,
+    forecast_warmup: bool = False,
 ) -> SkipCacheConfig:
     """The SkipCacheConfig of the Apply Skip-Cache node's inputs.
 
     settings "auto": the authors' window and depth for the family (n from the input), the depth capped at
     the model's `max_depth` (long skips, and 2k < units: DiT's k=4 is for DiT-XL's 28 blocks); "custom": start / end in training
     timesteps 0..1000 (unit "timesteps") or in percent of sampling progress 0..100 (unit "percent",
-    0 % = t 1000), and the depth k. forecast (0, 1, 2) and forecast_damping apply to both."""
+    0 % = t 1000), and the depth k. forecast (0, 1, 2), forecast_damping, empty_steps and forecast_warmup
+    apply to both."""
+    options = dict(forecast=int(forecast), forecast_damping=float(forecast_damping), empty_steps=int(empty_steps),
+                   forecast_warmup=bool(forecast_warmup))
     if settings == "auto":
         base = AUTHORS_SETTINGS[family]
         k = base.depth if not max_depth else min(base.depth, max_depth)
-        return SkipCacheConfig(interval=int(interval), start=base.start, end=base.end, depth=k, forecast=int(forecast),
-                               forecast_damping=float(forecast_damping))
+        return SkipCacheConfig(interval=int(interval), start=base.start, end=base.end, depth=k, **options)
     if settings != "custom":
         raise ValueError(f"settings must be 'auto' or 'custom', got {settings!r}")
     if unit == "percent":
@@ -248,12 +251,10 @@ def cache_config(
                 f"Skip-Cache window: start {start:g}% must come before its end {end:g}% (percent of sampling "
                 "progress: 0% is the first step, 100% the last)"
             )
-        return SkipCacheConfig.from_percent(start / 100.0, end / 100.0, int(interval), int(depth), int(forecast),
-                                            float(forecast_damping))
+        return SkipCacheConfig.from_percent(start / 100.0, end / 100.0, int(interval), int(depth), **options)
     if unit != "timesteps":
         raise ValueError(f"window unit must be one of {WINDOW_UNITS}, got {unit!r}")
-    return SkipCacheConfig(interval=int(interval), start=float(start), end=float(end), depth=int(depth), forecast=int(forecast),
-                           forecast_damping=float(forecast_damping))
+    return SkipCacheConfig(interval=int(interval), start=float(start), end=float(end), depth=int(depth), **options)
 
 
 # ----------------------------------------------------------------------------- frames

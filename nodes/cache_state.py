@@ -70,10 +70,8 @@ class _Track:
     def __init__(self, run: SkipCacheRun):
         self.run = run
         self.last_sigma: Optional[float] = None
-        self.last_cached = False
         self.calls = 0
-        self.full_seconds: list[float] = []
-        self.cached_seconds: list[float] = []
+        self.seconds: dict[str, list[float]] = {"full": [], "cached": [], "empty": []}  # per kind of call
 
 
 class SkipCacheSetup:
@@ -95,7 +93,9 @@ class SkipCacheSetup:
         c = self.config
         damping = f" damped {c.forecast_damping:g}" if c.forecast and c.forecast_damping != 1.0 else ""
         forecast = f", forecast order {c.forecast}{damping}" if c.forecast else ""  # none: the paper's reuse
-        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}"
+        empty = f", {c.empty_steps} of every {c.interval - 1} cached steps empty" if c.empty_steps else ""
+        warmup = ", forecast warm-up" if c.forecast_warmup else ""
+        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}{empty}{warmup}"
 
 
 class SkipCacheState:
@@ -135,22 +135,13 @@ class SkipCacheState:
         if track.last_sigma is None or sigma != track.last_sigma:
             cut = track.run.begin_step(timestep)
             track.last_sigma = sigma
-            track.last_cached = cut is not None and cut.cached is not None
         else:
-            cut = self._repeat(track)
+            cut = track.run.repeat_step()  # another evaluation of this step: the same decision, the same state
         track.calls += 1
         with self._lock:
             self.blocks_run += len(stack.units_run(cut)) * per_unit
         _ACTIVE.state, _ACTIVE.cut = self, cut
         return cut
-
-    def _repeat(self, track: _Track) -> Optional[StackCut]:
-        """Another evaluation of the step just decided: the same decision, on the current cache."""
-        if self.config.interval == 1:
-            return None
-        if track.last_cached and track.run.current is not None:
-            return StackCut(self.config.depth, cached=track.run.current)  # the step's own (forecast) state
-        return StackCut(self.config.depth)  # full: captures, refreshing the cache
 
     def end(self, key: Hashable, cut: Optional[StackCut], seconds: float) -> None:
         """After a successful model call: the rule's end of step (keep / drop the deep state), timing."""
@@ -158,7 +149,7 @@ class SkipCacheState:
         with self._lock:
             track = self.tracks[key]
         track.run.end_step(cut)
-        (track.cached_seconds if cut is not None and cut.cached is not None else track.full_seconds).append(seconds)
+        track.seconds["full" if cut is None else cut.kind].append(seconds)
 
     def abort(self) -> None:
         """A model call raised (e.g. an interruption): forget the cut of the unfinished call."""
@@ -174,20 +165,20 @@ class SkipCacheState:
         return next(iter(self.tracks.values())).run.stats
 
     def model_seconds(self) -> float:
-        return sum(sum(t.full_seconds) + sum(t.cached_seconds) for t in self.tracks.values())
+        return sum(sum(sum(s) for s in t.seconds.values()) for t in self.tracks.values())
 
     def measured_speedup(self) -> Optional[float]:
-        """Estimated uncached model time / estimated model time, from the measured median time of a full
-        and of a cached call per batch composition (medians, so a slow first call or a stall of the
+        """Estimated uncached model time / estimated model time, from the measured median time of a full,
+        a cached and an empty call per batch composition (medians, so a slow first call or a stall of the
         machine does not decide the figure); None when a composition has no full call yet."""
         uncached, cached = 0.0, 0.0
         for t in self.tracks.values():
-            if not t.full_seconds:
+            if not t.seconds["full"]:
                 return None
-            full = statistics.median(t.full_seconds)
-            part = statistics.median(t.cached_seconds) if t.cached_seconds else 0.0
-            uncached += (len(t.full_seconds) + len(t.cached_seconds)) * full
-            cached += len(t.full_seconds) * full + len(t.cached_seconds) * part
+            full = statistics.median(t.seconds["full"])
+            calls = sum(len(s) for s in t.seconds.values())
+            uncached += calls * full
+            cached += sum(len(s) * statistics.median(s) for s in t.seconds.values() if s)
         return uncached / cached if cached > 0 else None
 
     def describe_settings(self) -> str:
@@ -208,7 +199,8 @@ class SkipCacheState:
         bound = stats.speedup_bound(self.config.depth, self.target.stack.num_units)
         msg = (
             f"{head}: {outcome + ' after ' if interrupted else ''}{stats.full_steps} full + {stats.cached_steps} cached"
-            f" of {stats.steps} steps ({self.calls} model calls, {len(self.tracks)} batch composition"
+            + (f" ({stats.empty_steps} of them empty)" if stats.empty_steps else "")
+            + f" of {stats.steps} steps ({self.calls} model calls, {len(self.tracks)} batch composition"
             f"{'s' if len(self.tracks) != 1 else ''}); {self.blocks_run} of {self.blocks_uncached} blocks run;"
             f" model time {self.model_seconds():.2f} s, measured speedup "
             + (f"{speedup:.2f}x" if speedup is not None else "n/a")

@@ -11,7 +11,8 @@ Built on `ModelPatcher.clone()` and ComfyUI's extension points only:
   blocks [k, L-k) are bypassed and block L-k-1 hands on the deep state of the last full step. The skip
   push / pop of core's block loop stays outside the patches: bypassed shallow blocks push their input,
   bypassed deep blocks pop those same entries, so deep blocks L-k..L-1 still receive the fresh outputs of
-  blocks k-1..0.
+  blocks k-1..0. With empty steps every block is patched: on an empty step all are bypassed and the last
+  one hands on the forecast output.
 The settings live in the clone's transformer_options: the input model is untouched, and removing the node
 removes the effect.
 """
@@ -144,12 +145,19 @@ class HunyuanBlockPatch:
         cut = current_cut(self.setup)
         if cut is None:
             return self._run(args, extra)
-        last = self.setup.target.stack.num_units - cut.depth - 1  # block L-k-1: its output is the deep state
-        if cut.cached is not None:
-            return {"img": cut.cached if self.index == last else args["img"]}
+        L = self.setup.target.stack.num_units
+        deep = L - cut.depth - 1  # block L-k-1: its output is the deep state
+        if cut.kind == "empty":
+            return {"img": cut.output if self.index == L - 1 else args["img"]}
+        if cut.kind == "cached":
+            if not cut.depth <= self.index < L - cut.depth:
+                return self._run(args, extra)
+            return {"img": cut.cached if self.index == deep else args["img"]}
         out = self._run(args, extra)
-        if self.index == last:
+        if self.index == deep:
             cut.captured = out["img"]
+        if self.index == L - 1:
+            cut.captured_output = out["img"]
         return out
 
 
@@ -231,16 +239,28 @@ class ApplySkipCache(io.ComfyNode):
                     "schedule with forecast 1 at 0.7 ran about 2x and stayed closer to the uncached output than "
                     "interval 2, 700 -> 50 (about 1.4x) in our measurements.",
                 ),
+                io.Int.Input(
+                    "empty_steps", default=0, min=0, max=63, optional=True,
+                    tooltip="Of the interval - 1 cached steps of each interval, how many run no block at all: the "
+                    "model's output features are forecast from the last full steps (with forecast 0: reused). Costs "
+                    "nothing per step, so at the same speed more steps can be full. Must be below the interval.",
+                ),
+                io.Boolean.Input(
+                    "forecast_warmup", default=False, optional=True,
+                    tooltip="Run in full the steps that would be cached before the forecast has its order + 1 full "
+                    "steps (at the start of sampling), so no cached step extrapolates from fewer points.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with Skip-Cache; the input model is unchanged.")],
         )
 
     @classmethod
-    def execute(cls, model, interval, settings, window_unit, start, end, depth, forecast=0, forecast_damping=1.0) -> io.NodeOutput:
+    def execute(cls, model, interval, settings, window_unit, start, end, depth, forecast=0, forecast_damping=1.0,
+                empty_steps=0, forecast_warmup=False) -> io.NodeOutput:
         target = cache_target(model)
         config = adapters.cache_config(
             target.family, interval, settings, window_unit, start, end, depth, max_depth=target.stack.max_depth,
-            forecast=forecast, forecast_damping=forecast_damping,
+            forecast=forecast, forecast_damping=forecast_damping, empty_steps=empty_steps, forecast_warmup=forecast_warmup,
         )
         setup = SkipCacheSetup(config, target)  # checks k against the model's long skips
         patched = model.clone()
@@ -252,7 +272,7 @@ class ApplySkipCache(io.ComfyNode):
             _without_our_patches(patched)
             existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
             L, k = target.stack.num_units, config.depth
-            for i in range(k, L - k):
+            for i in range(0, L) if config.empty_steps else range(k, L - k):
                 inner = existing.get(("double_block", i))
                 patched.set_model_patch_replace(HunyuanBlockPatch(setup, i, inner), "dit", "double_block", i)
         logging.info(f"Skip-Cache set up on {target.label}: {setup.describe_settings()}")

@@ -73,15 +73,15 @@ def _cache_config(args, family, interval):
 
     base = AUTHORS_SETTINGS[family]
     depth = args.cache_depth or base.depth
+    options = dict(forecast=args.cache_forecast, forecast_damping=args.cache_forecast_damping,
+                   empty_steps=args.cache_empty_steps, forecast_warmup=args.cache_forecast_warmup)
     if args.cache_start_percent is not None or args.cache_end_percent is not None:
         return SkipCacheConfig.from_percent(
             args.cache_start_percent if args.cache_start_percent is not None else 0.3,
-            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth, args.cache_forecast,
-            args.cache_forecast_damping)
+            args.cache_end_percent if args.cache_end_percent is not None else 0.95, interval, depth, **options)
     start = args.cache_start if args.cache_start is not None else base.start
     end = args.cache_end if args.cache_end is not None else base.end
-    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth, forecast=args.cache_forecast,
-                           forecast_damping=args.cache_forecast_damping)
+    return SkipCacheConfig(interval=interval, start=start, end=end, depth=depth, **options)
 
 
 def _request(args, model, family):
@@ -367,6 +367,11 @@ def cache_args(sp) -> None:
     sp.add_argument("--cache-forecast-damping", type=float, default=1.0,
                     help="the fraction of the forecast's change from the last full state applied (default 1: all "
                          "of it; e.g. --cache-interval 3 --cache-forecast 1 --cache-forecast-damping 0.7)")
+    sp.add_argument("--cache-empty-steps", type=int, default=0,
+                    help="of the n-1 cached steps of each interval, the last ones that run no unit: the model's "
+                         "output features are forecast (reused with --cache-forecast 0); 0..n-1")
+    sp.add_argument("--cache-forecast-warmup", action="store_true",
+                    help="run in full the steps that would be cached before the forecast holds its order + 1 full steps")
 
 
 def build_parser() -> argparse.ArgumentParser:

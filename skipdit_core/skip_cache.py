@@ -27,6 +27,15 @@ where the deep state's trajectory bends; on the realistic-depth twin at n = 3 ov
 order 1 at damping 0.7 (chosen on held-out seeds) is closer to the uncached output than the plain
 order 1 or 2 (docs/benchmarks.md, section 6).
 
+Two more options, both off by default (the rule above, unchanged):
+- `empty_steps` m: of the n - 1 cached steps of each interval, the last m run no unit at all; the
+  stack's output is forecast instead, by the same polynomial through the last full steps' outputs
+  (the final layer still runs, at the step's own timestep). A cached step costs 2k of L units, an
+  empty one none: at equal block compute a schedule can then afford more full steps.
+- `forecast_warmup`: a step that would be cached while the forecast holds fewer than order + 1 full
+  steps runs in full instead, and the interval counts again from it. Without it the first cached
+  steps of a run extrapolate from fewer points (order 0: the last full state itself).
+
 Timesteps are the training timesteps 0..1000 the model sees. The window is `start -> end`
 (the paper's 700 -> 50). The percent form counts sampling progress: 0% is t = 1000, 100% is
 t = 0, so 700 -> 50 is 30% -> 95%.
@@ -67,7 +76,11 @@ class CutForecast:
         return self.coeffs[0] if self.coeffs else None
 
     def add(self, t: float, h: torch.Tensor) -> None:
-        """A full step's cut state h (any shape) at timestep t."""
+        """A full step's cut state h (any shape) at timestep t. Another state at the newest timestep (a
+        sampler evaluating one step twice) replaces the newest state and keeps the differences."""
+        if self.ts and t == self.ts[0]:
+            self.coeffs[0] = h
+            return
         new = [h]
         if self.order:
             for j in range(min(len(self.coeffs), self.order)):
@@ -83,8 +96,9 @@ class CutForecast:
             return h0
         out = self.coeffs[-1]
         for j in range(len(self.coeffs) - 2, 0, -1):
-            out = self.coeffs[j] + (t - self.ts[j]) * out
-        return (h0.float() + self.damping * (t - self.ts[0]) * out).to(h0.dtype)
+            out = torch.add(self.coeffs[j], out, alpha=t - self.ts[j])
+        # one fused multiply-add (a float32 state: no copy); lower-precision states are added in float32
+        return torch.add(h0.float(), out, alpha=self.damping * (t - self.ts[0])).to(h0.dtype)
 
     def clear(self) -> None:
         self.ts, self.coeffs = [], []
@@ -101,6 +115,8 @@ class SkipCacheConfig:
     depth: int = 1
     forecast: int = 0  # 0: reuse the last full step's cut state (the paper); 1, 2: polynomial forecast order
     forecast_damping: float = 1.0  # fraction of the forecast's change applied (1: the polynomial itself)
+    empty_steps: int = 0  # of each interval's n - 1 cached steps, the last m run no unit (the output is forecast)
+    forecast_warmup: bool = False  # cache only once the forecast holds order + 1 full steps
 
     def __post_init__(self):
         if not isinstance(self.interval, int) or self.interval < 1:
@@ -111,6 +127,13 @@ class SkipCacheConfig:
             raise ValueError(f"Skip-Cache forecast must be one of {FORECAST_ORDERS} (0 = reuse, as the paper), got {self.forecast!r}")
         if not 0.0 <= self.forecast_damping <= 1.0:
             raise ValueError(f"Skip-Cache forecast damping must be in 0..1 (1 = the plain forecast), got {self.forecast_damping!r}")
+        if not isinstance(self.empty_steps, int) or not 0 <= self.empty_steps <= self.interval - 1:
+            raise ValueError(
+                f"Skip-Cache empty steps must be an integer in 0..n-1 = 0..{self.interval - 1} (of the n - 1 cached "
+                f"steps of each interval, those that run no unit), got {self.empty_steps!r}"
+            )
+        if not isinstance(self.forecast_warmup, bool):
+            raise ValueError(f"Skip-Cache forecast warmup must be True or False, got {self.forecast_warmup!r}")
         for name in ("start", "end"):
             value = getattr(self, name)
             if not 0 <= value <= NUM_TRAIN_TIMESTEPS:
@@ -122,21 +145,22 @@ class SkipCacheConfig:
             )
 
     def describe(self) -> str:
-        """The settings as the log lines and tables print them, e.g. "n=2 700->50 k=1 forecast=2"."""
+        """The settings as the log lines and tables print them, e.g. "n=2 700->50 k=1 forecast=2"
+        or "n=3 1000->0 k=1 forecast=1 damping=0.7 empty=1 warmup"."""
         damping = f" damping={self.forecast_damping:g}" if self.forecast and self.forecast_damping != 1.0 else ""
+        extra = (f" empty={self.empty_steps}" if self.empty_steps else "") + (" warmup" if self.forecast_warmup else "")
         return f"n={self.interval} {self.start:g}->{self.end:g} k={self.depth}" + (
-            f" forecast={self.forecast}{damping}" if self.forecast else "")
+            f" forecast={self.forecast}{damping}" if self.forecast else "") + extra
 
     @classmethod
-    def from_percent(cls, start_percent: float, end_percent: float, interval: int = 2, depth: int = 1, forecast: int = 0,
-                     forecast_damping: float = 1.0):
-        """The window as sampling progress in 0..1: 0.3 -> 0.95 is the paper's 700 -> 50."""
+    def from_percent(cls, start_percent: float, end_percent: float, interval: int = 2, depth: int = 1, **options):
+        """The window as sampling progress in 0..1: 0.3 -> 0.95 is the paper's 700 -> 50. `options`: the
+        other fields (forecast, forecast_damping, empty_steps, forecast_warmup)."""
         for name, p in (("start", start_percent), ("end", end_percent)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"Skip-Cache {name} percent must be in 0..1, got {p}")
         to_t = lambda p: round(NUM_TRAIN_TIMESTEPS * (1.0 - p), 6)  # noqa: E731
-        return cls(interval=interval, start=to_t(start_percent), end=to_t(end_percent), depth=depth, forecast=forecast,
-                   forecast_damping=forecast_damping)
+        return cls(interval=interval, start=to_t(start_percent), end=to_t(end_percent), depth=depth, **options)
 
 
 
@@ -163,10 +187,11 @@ def end_is_inclusive(family: Optional[str]) -> bool:
 @dataclass
 class SkipCacheStats:
     full_steps: int = 0
-    cached_steps: int = 0
+    cached_steps: int = 0  # every step that is not full, the empty ones included
     blocks_run: int = 0  # blocks executed over the run
     blocks_uncached: int = 0  # blocks an uncached run executes
-    schedule: list = field(default_factory=list)  # "F" / "C" per step
+    schedule: list = field(default_factory=list)  # "F" (full) / "C" (cached) / "E" (empty) per step
+    empty_steps: int = 0  # cached steps that ran no unit
 
     @property
     def steps(self) -> int:
@@ -177,14 +202,17 @@ class SkipCacheStats:
         return self.cached_steps / self.steps if self.steps else 0.0
 
     def speedup_bound(self, depth: int, num_units: int) -> float:
-        """1 / ((1 - f) + f * c), c = 2k / L: the speedup if only the blocks cost time."""
+        """1 / ((1 - f) + (f - e) * c), c = 2k / L, f the cached and e the empty fraction of the steps:
+        the speedup if only the blocks cost time."""
         c = 2 * depth / num_units
         f = self.cached_fraction
-        return 1.0 / ((1.0 - f) + f * c)
+        e = self.empty_steps / self.steps if self.steps else 0.0
+        return 1.0 / ((1.0 - f) + (f - e) * c)
 
     def summary(self) -> str:
+        empty = f" ({self.empty_steps} of them empty)" if self.empty_steps else ""
         return (
-            f"{self.full_steps} full, {self.cached_steps} cached of {self.steps} steps; "
+            f"{self.full_steps} full, {self.cached_steps} cached{empty} of {self.steps} steps; "
             f"{self.blocks_run} of {self.blocks_uncached} blocks run"
         )
 
@@ -196,6 +224,8 @@ class SkipCacheRun:
         cut = run.begin_step(t)          # None (no cut: n = 1) or a StackCut
         out = model(..., cut=cut)
         run.end_step(cut)
+    A sampler that calls the model again for the same step takes `run.repeat_step()` instead of
+    `begin_step` (the same decision, the same state).
     """
 
     def __init__(self, config: SkipCacheConfig, stack: UStack, blocks_per_unit: int = 1, family: Optional[str] = None):
@@ -205,7 +235,10 @@ class SkipCacheRun:
         self.stack = stack
         self.blocks_per_unit = blocks_per_unit
         self.history = CutForecast(config.forecast, config.forecast_damping)
+        # the stack's outputs at the full steps, when some steps are empty
+        self.outputs = CutForecast(config.forecast, config.forecast_damping) if config.empty_steps else None
         self.current: Optional[torch.Tensor] = None  # the deep state this step was fed, if it is cached
+        self.current_output: Optional[torch.Tensor] = None  # the output this step was handed, if it is empty
         self.counter = 0
         self._t = float(NUM_TRAIN_TIMESTEPS)
         self.stats = SkipCacheStats()
@@ -224,33 +257,50 @@ class SkipCacheRun:
         None (n = 1: no cut), a capturing StackCut (full step) or a cached StackCut."""
         self._t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
         cfg = self.config
-        cached = (
-            cfg.interval > 1
-            and self.cache is not None
-            and self.counter % cfg.interval != 0
-            and self._t < cfg.start
-        )
+        position = self.counter % cfg.interval
+        may_cache = cfg.interval > 1 and position != 0 and self._t < cfg.start
+        needed = cfg.forecast + 1 if cfg.forecast_warmup else 1
+        cached = may_cache and len(self.history) >= needed
+        if may_cache and not cached and cfg.forecast_warmup:
+            self.counter = 0  # this full step starts the interval again
         self.counter += 1
-        units = 2 * cfg.depth if cached else self.stack.num_units
+        empty = cached and position >= cfg.interval - cfg.empty_steps
+        units = 0 if empty else 2 * cfg.depth if cached else self.stack.num_units
         self.stats.blocks_run += units * self.blocks_per_unit
         self.stats.blocks_uncached += self.stack.num_units * self.blocks_per_unit
-        self.stats.schedule.append("C" if cached else "F")
-        if cached:
+        self.stats.schedule.append("E" if empty else "C" if cached else "F")
+        self.current = self.current_output = None
+        if empty:
+            self.stats.cached_steps += 1
+            self.stats.empty_steps += 1
+            self.current_output = self.outputs.predict(self._t)
+        elif cached:
             self.stats.cached_steps += 1
             self.current = self.history.predict(self._t)
-            return StackCut(cfg.depth, cached=self.current)
-        self.stats.full_steps += 1
-        self.current = None
-        return StackCut(cfg.depth) if cfg.interval > 1 else None
+        else:
+            self.stats.full_steps += 1
+        return self.repeat_step()
+
+    def repeat_step(self) -> Optional[StackCut]:
+        """The cut of the step last decided, for another model call of that step (a sampler evaluating
+        the model twice at one timestep): the same decision on the same state. A full one captures again,
+        which refreshes the newest state of the history."""
+        if self.config.interval == 1:
+            return None
+        return StackCut(self.config.depth, cached=self.current, output=self.current_output)
 
     def end_step(self, cut: Optional[StackCut]) -> None:
         """After the model call: keep a full step's deep state; past the window, drop it."""
-        if cut is not None and cut.cached is None:
+        if cut is not None and cut.kind == "full":
             self.history.add(self._t, cut.captured)
+            if self.outputs is not None:
+                self.outputs.add(self._t, cut.captured_output)
         end = self.config.end
         if self._t < end or (self.end_inclusive and self._t == end):
             self.history.clear()
-            self.current, self.counter = None, 0
+            if self.outputs is not None:
+                self.outputs.clear()
+            self.current, self.current_output, self.counter = None, None, 0
 
     def speedup_bound(self) -> float:
         return self.stats.speedup_bound(self.config.depth, self.stack.num_units)
@@ -264,7 +314,7 @@ def simulate(
     run = SkipCacheRun(config, UStack(num_units, num_skips), family=family)
     for t in timesteps:
         cut = run.begin_step(t)
-        if cut is not None and cut.cached is None:
-            cut.captured = torch.empty(0)  # stands in for the deep state a full step remembers
+        if cut is not None and cut.kind == "full":
+            cut.captured = cut.captured_output = torch.empty(0)  # stand in for the states a full step remembers
         run.end_step(cut)
     return run.stats

@@ -127,8 +127,10 @@ def rel_diff(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0, forecast_damping=1.0):
-    return node.execute(model, n, "custom", "timesteps", start, end, depth, forecast, forecast_damping).args[0]
+def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0, forecast_damping=1.0, empty_steps=0,
+               forecast_warmup=False):
+    return node.execute(model, n, "custom", "timesteps", start, end, depth, forecast, forecast_damping, empty_steps,
+                        forecast_warmup).args[0]
 
 
 def compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, cfg) -> dict:
@@ -193,6 +195,16 @@ def run_check(check, nodes, pack, base_dir, loaded, records=None):
         half = run_sampler(nodes, skip_cache(apply, model, 2, forecast=1, forecast_damping=0.5), positive, positive, latent, steps, 1.0)
         result["damping_zero_is_reuse"] = bool(torch.equal(undamped, runs["n2"]))
         result["damping_half_differs"] = not bool(torch.equal(half, runs["n2"])) and not bool(torch.equal(half, n2_forecast))
+        # Empty steps through patches on every block: F C E F C E runs no block on the empty steps, and the
+        # log line names them; with the warm-up F F C E F C (order 1 needs two full steps).
+        for name, warmup in (("empty", False), ("empty_warmup", True)):
+            counts["calls"] = 0
+            records.messages.clear()
+            out = run_sampler(nodes, skip_cache(apply, model, 3, forecast=1, empty_steps=1, forecast_warmup=warmup),
+                              positive, positive, latent, steps, 1.0)
+            result[f"block_calls_{name}"] = counts["calls"]
+            result[f"{name}_finite"] = bool(torch.isfinite(out).all())
+            result[f"{name}_log"] = [m for m in records.messages if m.startswith("Skip-Cache [")]
         # The input model is untouched: no state, no patches, and it samples as before.
         options = model.model_options["transformer_options"]
         result["input_untouched"] = state_mod.STATE_KEY not in options and not options.get("patches_replace")

@@ -44,13 +44,15 @@ def test_fidelity_compares_skip_cache_and_every_peer(tmp_path):
         save_safetensors(randomize(build_model("latte", config), seed=4).state_dict(), paths[skip], "latte", config)
     out = run("fidelity.py", "--model", str(paths[True]), "--twin", str(paths[False]), "--classes", "1",
               "--seeds", "0", "--steps", "6", "--intervals", "2", "--windows", "1000:0", "700:50", "--repeats", "1",
-              "--forecasts", "0", "2", "--skip-peers", "taylorseer", "--out", str(tmp_path))
+              "--forecasts", "0", "2", "--empty", "--skip-peers", "taylorseer", "--out", str(tmp_path))
     table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     methods = {line.split(" | ")[0][2:] for line in table}
-    assert methods == {"Skip-Cache", "Skip-Cache + forecast 2", "First Block Cache", "PAB", "FasterCache", "TaylorSeer",
-                       "TaylorSeer (skip model)"}
+    assert methods == {"Skip-Cache", "Skip-Cache + forecast 2", "Skip-Cache + forecast 2, empty steps", "First Block Cache",
+                       "PAB", "FasterCache", "TaylorSeer", "MagCache", "TaylorSeer (skip model)"}
+    assert "| n=2 1000->0 forecast 2 empty 1 warmup |" in out
     assert "At equal measured speedup, Skip-Cache, reuse (the paper)" in out
     assert "At equal share of block compute (the machine-independent axis), Skip-Cache, any forecast order" in out
+    assert "Skip-Cache, any setting (forecast, empty steps, warm-up) against the peers" in out
     assert (tmp_path / "fidelity-vs-speedup.png").stat().st_size > 10_000
     assert (tmp_path / "fidelity-vs-compute.png").stat().st_size > 10_000
 

@@ -294,6 +294,10 @@ def test_skip_cache_on_core_hunyuan_dit(inprocess):
     assert 0 < r["n2_rel_diff"] < 0.5
     assert r["block_calls_forecast"] == r["block_calls_n2"] and r["forecast_differs"]  # forecast on core's patches
     assert r["damping_zero_is_reuse"] and r["damping_half_differs"]
+    assert r["block_calls_empty"] == 2 * depth + 2 * 2 and r["empty_finite"]  # F C E F C E
+    assert r["block_calls_empty_warmup"] == 3 * depth + 2 and r["empty_warmup_finite"]  # F F C E F C
+    assert "1 of every 2 cached steps empty" in r["empty_log"][0] and "(2 of them empty)" in r["empty_log"][0]
+    assert "forecast warm-up" in r["empty_warmup_log"][0]
     assert r["input_untouched"] and r["plain_again_identical"]  # removing the node removes the effect
     assert r["twice"] == {"interval": 2, "patched_blocks": [1, 2, 3, 4], "own_state": True, "wrappers": [1, 1]}
     (line,) = [m for m in r["log"] if m.startswith("Skip-Cache [Hunyuan-DiT (ComfyUI), n=2") and "forecast" not in m]

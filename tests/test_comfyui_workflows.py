@@ -300,11 +300,12 @@ def test_demo_workflow_is_the_demo_command():
     by_type = {n["type"]: n for n in wf["nodes"]}
     assert by_type["SkipDiTModelLoader"]["widgets_values"][0] == demo.DEMO_MODEL.name
     assert 0 <= by_type["SkipDiTClassLabel"]["widgets_values"][0] < len(demo.SHAPE_CLASSES)
-    interval, settings, unit, start, end, depth, forecast, damping = by_type["SkipDiTApplySkipCache"]["widgets_values"]
+    interval, settings, unit, start, end, depth, forecast, damping, empty, warmup = by_type["SkipDiTApplySkipCache"]["widgets_values"]
     assert (interval, settings) == (demo.DEMO_CACHE.interval, "auto")  # auto: Latte's authors' window
     assert (start, end, depth) == (demo.DEMO_CACHE.start, demo.DEMO_CACHE.end, demo.DEMO_CACHE.depth)
     assert forecast == demo.DEMO_CACHE.forecast == 0  # the paper's reuse, as skipdit demo
     assert damping == demo.DEMO_CACHE.forecast_damping == 1.0
+    assert (empty, warmup) == (demo.DEMO_CACHE.empty_steps, demo.DEMO_CACHE.forecast_warmup) == (0, False)
     defaults = inspect.signature(demo.run_demo).parameters
     seed, control, steps, cfg, sampler, scheduler, denoise = by_type["KSampler"]["widgets_values"]
     assert (steps, cfg, control, denoise) == (defaults["steps"].default, defaults["guidance"].default, "fixed", 1.0)

@@ -92,6 +92,17 @@ def test_cli_sample_writes_video_and_reports_cache(pixel_latte, tmp_path, capsys
     assert read_video(str(tmp_path / "clip.gif")).shape[0] == 4
 
 
+def test_cli_sample_takes_empty_steps_and_the_forecast_warmup(pixel_latte, tmp_path, capsys):
+    args = [str(pixel_latte), "--label", "2", "--frames", "4", "--steps", "10", "--guidance", "2", "--device", "cpu"]
+    assert cli_main(["sample", *args, "--cache-interval", "3", "--cache-start", "1000", "--cache-end", "0", "--cache-forecast",
+                     "1", "--cache-empty-steps", "1", "--cache-forecast-warmup", "-o", str(tmp_path / "clip.gif")]) == 0
+    printed = capsys.readouterr().out
+    assert "Skip-Cache n=3 1000->0 k=1 forecast=1 empty=1 warmup" in printed
+    assert "4 full, 6 cached (3 of them empty) of 10 steps" in printed  # F F C E F C E F C E
+    assert cli_main(["sample", *args, "--cache-interval", "3", "--cache-empty-steps", "3", "-o", str(tmp_path / "x.gif")]) != 0
+    assert "empty steps must be an integer in 0..n-1 = 0..2" in capsys.readouterr().err
+
+
 def test_cli_bench_json(pixel_latte, capsys):
     args = [str(pixel_latte), "--label", "0", "--frames", "3", "--sampler", "ddim", "--steps", "12", "--device", "cpu"]
     assert cli_main(["bench", *args, "--intervals", "2", "3", "--cache-start", "1000", "--cache-end", "0",

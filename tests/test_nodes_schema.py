@@ -478,3 +478,12 @@ def test_node_state_follows_the_familys_window_end_rule(family, strict):
         kinds.append("C" if cut is not None and cut.cached is not None else "F")
         state.end("batch", cut, 0.0)
     assert "".join(kinds) == ("FCFCF" if strict else "FCFFF")
+
+
+def test_cache_config_carries_empty_steps_and_warmup_in_every_form():
+    for settings, unit in (("auto", "timesteps"), ("custom", "timesteps"), ("custom", "percent")):
+        c = adapters.cache_config("latte", 3, settings, unit, 0 if unit == "percent" else 1000, 100 if unit == "percent" else 0,
+                                  1, forecast=1, forecast_damping=0.7, empty_steps=1, forecast_warmup=True)
+        assert (c.empty_steps, c.forecast_warmup, c.forecast, c.forecast_damping) == (1, True, 1, 0.7)
+    with pytest.raises(ValueError, match=r"empty steps must be an integer in 0..n-1 = 0..1"):
+        adapters.cache_config("latte", 2, "auto", "timesteps", 0, 0, 1, empty_steps=2)

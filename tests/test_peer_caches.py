@@ -1,4 +1,4 @@
-"""benchmarks/peer_caches.py: FBCache, PAB, FasterCache, TaylorSeer (diffusers' hooks) on a tiny vanilla Latte."""
+"""benchmarks/peer_caches.py: FBCache, PAB, FasterCache, TaylorSeer, MagCache (diffusers' hooks) on a tiny vanilla Latte."""
 import pytest
 import torch
 
@@ -6,7 +6,7 @@ pytest.importorskip("diffusers", minversion="0.42")
 
 from helpers import randomize
 
-from benchmarks.peer_caches import METHODS, peer_cache
+from benchmarks.peer_caches import METHODS, magcache_ratios, peer_cache
 from skipdit_core.models import build_model, make_config
 from skipdit_core.pipeline import Request, generate
 
@@ -21,12 +21,14 @@ AGGRESSIVE = {
     "pab": dict(spatial_skip=3, temporal_skip=3, window=ALL_T),
     "fastercache": dict(uncond_skip=2, attention_skip=2, uncond_window=ALL_T, attention_window=ALL_T),
     "taylorseer": dict(interval=3, order=2, warmup=2),
+    "magcache": dict(threshold=10.0, max_skip_steps=2, retention_ratio=0.0, num_inference_steps=12, mag_ratios=[1.0] * 12),
 }
 NEVER = {
     "fbcache": dict(threshold=0.0),
     "pab": dict(spatial_skip=1, temporal_skip=1, window=ALL_T),
     "fastercache": dict(uncond_skip=1, uncond_window=ALL_T, attention_window=ALL_T),
     "taylorseer": dict(interval=1),
+    "magcache": dict(max_skip_steps=0, num_inference_steps=12, mag_ratios=[1.0] * 12),
 }
 # Attention / MLP calls one 12-step run executes with AGGRESSIVE (of 12 * 8 each), by each method's rule:
 EXPECTED_CALLS = {
@@ -34,6 +36,7 @@ EXPECTED_CALLS = {
     "pab": (4 * 8, 12 * 8),  # attention at iterations 0, 3, 6, 9; MLPs always
     "fastercache": (6 * 8, 12 * 8),  # odd steps: uncond skipped, attention extrapolated; MLPs on the cond half
     "taylorseer": (5 * 8, 5 * 8),  # steps 0, 1 (warm-up), then 3, 6, 9
+    "magcache": (4 * 8, 4 * 8),  # steps 0, 3, 6, 9: every unit skipped for 2 steps after each computed one
 }
 
 
@@ -63,7 +66,7 @@ def fingerprint(model):
 
 
 def test_methods_list_their_knobs():
-    assert set(METHODS) == {"fbcache", "pab", "fastercache", "taylorseer"}
+    assert set(METHODS) == {"fbcache", "pab", "fastercache", "taylorseer", "magcache"}
     for method in METHODS:
         assert set(AGGRESSIVE[method]) <= set(METHODS[method]) and set(NEVER[method]) <= set(METHODS[method])
 
@@ -161,4 +164,15 @@ def test_unknown_method_or_knob(model):
     with pytest.raises(ValueError, match="unknown peer cache"), peer_cache(model, "teacache"):
         pass
     with pytest.raises(TypeError, match="threshold"), peer_cache(model, "pab", threshold=0.1):
+        pass
+
+
+def test_magcache_ratios_come_from_diffusers_calibration_and_drive_the_skips(model):
+    ratios = magcache_ratios(model, REQUEST)
+    assert len(ratios) == 12 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    with peer_cache(model, "magcache", threshold=1e9, max_skip_steps=1, retention_ratio=0.0, num_inference_steps=12,
+                    mag_ratios=ratios) as stats:
+        generate(model, REQUEST)
+    assert stats.attn_calls == 6 * DEPTH  # computed and skipped alternate
+    with pytest.raises(ValueError, match="magcache needs the model's mag_ratios"), peer_cache(model, "magcache"):
         pass

@@ -405,3 +405,137 @@ def test_torch_compile_keeps_two_stable_graphs_full_and_cached():
     assert run.stats.schedule[:4] == ["F", "C", "F", "C"]
     assert graphs[1] == graphs[-1] == 2  # full + cached, compiled once each
     assert torch.allclose(x, eager, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- empty steps, forecast warm-up
+
+
+def test_empty_steps_are_the_last_of_each_interval_and_run_no_unit():
+    stats = simulate(SkipCacheConfig(interval=4, start=1000, end=0, forecast=1, empty_steps=2), range(950, 0, -50))
+    assert "".join(stats.schedule) == "FCEEFCEEFCEEFCEEFCE"
+    assert stats.empty_steps == 9 and stats.cached_steps == 14 and stats.full_steps == 5
+    L = 28  # simulate's default stack: 28 units, cached steps 2 of them, empty ones none
+    assert stats.blocks_run == 5 * L + 5 * 2
+    assert stats.speedup_bound(1, L) == pytest.approx(stats.blocks_uncached / stats.blocks_run)
+    assert "(9 of them empty)" in stats.summary()
+    # m = n - 1: every cached step is empty; m = 0: the rule of the paper
+    assert "".join(simulate(SkipCacheConfig(interval=3, start=1000, end=0, empty_steps=2), range(900, 0, -100)).schedule) == "FEEFEEFEE"
+    assert simulate(SkipCacheConfig(interval=3, start=1000, end=0), range(900, 0, -100)).schedule == list("FCCFCCFCC")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_empty_step_runs_no_block_and_hands_on_the_forecast_output(family):
+    """An empty step's output is the final layer (at its own timestep) of the forecast stack output: with
+    forecast 0, of the last full step's stack output itself."""
+    model = tiny(family)
+    inp = inputs(family, model)
+    x, rest = inp["x"], {k: v for k, v in inp.items() if k != "x"}
+    blocks = model.transformer_blocks if family == "latte_t2v" else model.blocks
+    calls = []
+    for b in blocks:
+        b.register_forward_hook(lambda m, a, o: calls.append(1))
+    run = SkipCacheRun.for_model(SkipCacheConfig(interval=2, start=1000, end=0, empty_steps=1), model)
+    with torch.no_grad():
+        full = run.begin_step(900)
+        model(x, torch.full((x.shape[0],), 900.0), **rest, cut=full)
+        run.end_step(full)
+        calls.clear()
+        empty = run.begin_step(800)
+        assert empty.kind == "empty" and empty.output is full.captured_output
+        out = model(x, torch.full((x.shape[0],), 800.0), **rest, cut=empty)
+        run.end_step(empty)
+        assert calls == [] and run.stats.schedule == ["F", "E"]
+        # the same output from a run whose stack returns that tensor for every input
+        original = model.stack.run
+        model.stack.run = lambda h, *a, **k: full.captured_output
+        try:
+            assert torch.equal(out, model(torch.zeros_like(x), torch.full((x.shape[0],), 800.0), **rest))
+        finally:
+            model.stack.run = original
+    with_empty, _ = run_loop(model, inp, SkipCacheConfig(interval=3, start=1000, end=0, forecast=1, empty_steps=1))
+    without, _ = run_loop(model, inp, SkipCacheConfig(interval=3, start=1000, end=0, forecast=1))
+    assert torch.isfinite(with_empty).all() and not torch.equal(with_empty, without)
+
+
+def test_empty_step_forecasts_the_output_from_the_full_steps():
+    """A stand-in stack whose output is a line in t: order 1 hands the empty step the exact output of its
+    timestep, from the full steps' outputs only."""
+    stack = UStack(4, 2)
+    run = SkipCacheRun(SkipCacheConfig(interval=3, start=1000, end=0, forecast=1, empty_steps=1), stack)
+    handed = {}
+    for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0):
+        cut = run.begin_step(t)
+        out = torch.full((2,), 1.0 + t / 100)
+        if cut.kind == "full":
+            cut.captured, cut.captured_output = torch.zeros(2), out
+        elif cut.kind == "empty":
+            handed[t] = bool(torch.allclose(cut.output, out))
+        run.end_step(cut)
+    assert run.stats.schedule == list("FCEFCEF")
+    assert handed == {700.0: False, 400.0: True}  # after one full step there is no line yet: its output reused
+
+
+def test_forecast_warmup_runs_full_until_the_forecast_has_its_points_then_counts_the_interval_again():
+    steps = range(950, 0, -50)
+    plain = simulate(SkipCacheConfig(interval=3, start=1000, end=0, forecast=2), steps)
+    warm = simulate(SkipCacheConfig(interval=3, start=1000, end=0, forecast=2, forecast_warmup=True), steps)
+    assert "".join(plain.schedule) == "FCCFCCFCCFCCFCCFCCF"
+    assert "".join(warm.schedule) == "FFFCCFCCFCCFCCFCCFC"  # 3 full steps for order 2, the interval from the third
+    empty = simulate(SkipCacheConfig(interval=2, start=1000, end=0, forecast=1, empty_steps=1, forecast_warmup=True), steps)
+    assert "".join(empty.schedule) == "FFEFEFEFEFEFEFEFEFE"
+    # forecast 0 needs one full step, the first: the warm-up changes nothing
+    assert simulate(SkipCacheConfig(interval=3, start=1000, end=0, forecast_warmup=True), steps).schedule == \
+        simulate(SkipCacheConfig(interval=3, start=1000, end=0), steps).schedule
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_warmup_and_empty_steps_leave_the_papers_rule_and_n_one_untouched(family):
+    model = tiny(family)
+    inp = inputs(family, model)
+    paper, _ = run_loop(model, inp, SkipCacheConfig(interval=2, start=1000, end=0))
+    warm, _ = run_loop(model, inp, SkipCacheConfig(interval=2, start=1000, end=0, forecast_warmup=True))
+    assert torch.equal(paper, warm)
+    plain, _ = run_loop(model, inp)
+    same, _ = run_loop(model, inp, SkipCacheConfig(interval=1, start=1000, end=0, forecast=1, forecast_warmup=True))
+    assert torch.equal(plain, same)
+
+
+def test_repeated_evaluation_of_a_step_keeps_its_decision_and_a_repeated_full_state_refreshes_the_newest():
+    stack = UStack(4, 2)
+    run = SkipCacheRun(SkipCacheConfig(interval=3, start=1000, end=0, forecast=1, empty_steps=1), stack)
+    for t, value in ((900.0, 1.0), (800.0, 2.0)):  # two full steps (warm-up off: 800 is cached)
+        cut = run.begin_step(t)
+        if cut.kind == "full":
+            cut.captured = cut.captured_output = torch.full((2,), value)
+        run.end_step(cut)
+    assert run.stats.schedule == ["F", "C"]
+    again = run.repeat_step()
+    assert again.kind == "cached" and again.cached is run.current
+    run.end_step(again)
+    empty = run.begin_step(700.0)
+    assert empty.kind == "empty" and run.repeat_step().output is empty.output
+    # a sampler evaluating a full step twice (Heun's corrector): the second state at the same timestep
+    # replaces the newest one, no division by a zero step
+    f = CutForecast(1)
+    f.add(900.0, torch.tensor([1.0]))
+    f.add(800.0, torch.tensor([2.0]))
+    f.add(800.0, torch.tensor([3.0]))
+    assert f.ts == [800.0] and len(f) == 2 and torch.equal(f.latest, torch.tensor([3.0]))
+    assert torch.isfinite(f.predict(700.0)).all() and torch.allclose(f.predict(700.0), torch.tensor([4.0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(interval=2, empty_steps=2), r"empty steps must be an integer in 0..n-1 = 0..1"),
+    (dict(interval=1, empty_steps=1), r"empty steps must be an integer in 0..n-1 = 0..0"),
+    (dict(interval=3, empty_steps=-1), r"empty steps"),
+    (dict(interval=3, forecast_warmup=1), r"forecast warmup must be True or False"),
+])
+def test_empty_steps_and_warmup_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SkipCacheConfig(**kwargs)
+
+
+def test_empty_steps_and_warmup_are_named():
+    config = SkipCacheConfig(interval=3, start=1000, end=0, forecast=1, forecast_damping=0.7, empty_steps=1, forecast_warmup=True)
+    assert config.describe() == "n=3 1000->0 k=1 forecast=1 damping=0.7 empty=1 warmup"
+    assert SkipCacheConfig.from_percent(0.0, 1.0, 3, 1, empty_steps=2).empty_steps == 2

@@ -8,9 +8,10 @@ replaces the hidden state, it is not added to it.
 
 Skip-Cache needs one more thing of the stack, and it is the same for every family: a run
 that is cut at depth k. A full run remembers the hidden state at the input of unit L-k
-(before that unit fuses its skip); a cached run executes only units [0, k) and [L-k, L),
-resuming from the remembered state. `StackCut` carries that state; the rule deciding when a
-step is full or cached lives in `skipdit_core.skip_cache`, not here.
+(before that unit fuses its skip) and the stack's output; a cached run executes only units
+[0, k) and [L-k, L), resuming from the remembered (or forecast) state; an empty run executes
+no unit and returns the output it is handed. `StackCut` carries those states; the rule deciding
+what a step is lives in `skipdit_core.skip_cache`, not here.
 """
 from __future__ import annotations
 
@@ -64,13 +65,22 @@ class StackCut:
     """Where and how a run is cut for Skip-Cache.
 
     depth: k, the number of units recomputed at each end (1 <= k <= number of skips).
-    cached: None for a full run (which fills `captured`), or the remembered deep state
-        (shape of the hidden state) for a cached run.
+    cached: None for a full run (which fills `captured` and `captured_output`), or the remembered
+        deep state (shape of the hidden state) for a cached run.
+    output: for an empty run, the stack's output to return without running any unit (shape of
+        the hidden state); None otherwise.
     """
 
     depth: int
     cached: Optional[torch.Tensor] = None
     captured: Optional[torch.Tensor] = None
+    output: Optional[torch.Tensor] = None
+    captured_output: Optional[torch.Tensor] = None
+
+    @property
+    def kind(self) -> str:
+        """"full", "cached" (first and last k units run) or "empty" (no unit runs)."""
+        return "empty" if self.output is not None else "cached" if self.cached is not None else "full"
 
 
 class UStack:
@@ -99,9 +109,10 @@ class UStack:
     def units_run(self, cut: Optional[StackCut]) -> list[int]:
         """The units executed by a run with this cut."""
         L = self.num_units
-        if cut is None or cut.cached is None:
+        kind = "full" if cut is None else cut.kind
+        if kind == "full":
             return list(range(L))
-        return [*range(cut.depth), *range(L - cut.depth, L)]
+        return [] if kind == "empty" else [*range(cut.depth), *range(L - cut.depth, L)]
 
     @property
     def max_depth(self) -> int:
@@ -134,11 +145,13 @@ class UStack:
         """Run the units over `h`.
 
         run_unit(i, h) -> h runs unit i; fuse(j, h, skip) -> h applies skip branch j
-        (j = receiver - (L - S)). Returns the output of the last unit.
+        (j = receiver - (L - S)). Returns the output of the last unit (an empty cut: its `output`).
         """
         L, S = self.num_units, self.num_skips
         if cut is not None:
             self.check_depth(cut.depth)
+            if cut.output is not None:
+                return cut.output
         cut_at = None if cut is None else L - cut.depth
         pushed: dict[int, torch.Tensor] = {}
         for i in self.units_run(cut):
@@ -154,4 +167,6 @@ class UStack:
                 observe(i, h)
             if i < S:
                 pushed[i] = h
+        if cut is not None and cut.cached is None:
+            cut.captured_output = h
         return h

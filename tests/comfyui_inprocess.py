@@ -199,12 +199,12 @@ def run_check(check, nodes, pack, base_dir, loaded, records=None):
         # log line names them; with the warm-up F F C E F C (order 1 needs two full steps).
         for name, warmup in (("empty", False), ("empty_warmup", True)):
             counts["calls"] = 0
-            records.messages.clear()
+            mark = len(records.messages)
             out = run_sampler(nodes, skip_cache(apply, model, 3, forecast=1, empty_steps=1, forecast_warmup=warmup),
                               positive, positive, latent, steps, 1.0)
             result[f"block_calls_{name}"] = counts["calls"]
             result[f"{name}_finite"] = bool(torch.isfinite(out).all())
-            result[f"{name}_log"] = [m for m in records.messages if m.startswith("Skip-Cache [")]
+            result[f"{name}_log"] = [m for m in records.messages[mark:] if m.startswith("Skip-Cache [")]
         # The input model is untouched: no state, no patches, and it samples as before.
         options = model.model_options["transformer_options"]
         result["input_untouched"] = state_mod.STATE_KEY not in options and not options.get("patches_replace")

@@ -293,7 +293,7 @@ def cmd_bench(args) -> int:
     prep = (lambda z: z.clamp(-1, 1)) if pixels else (lambda z: z)  # noqa: E731
     ref = prep(ref if pixels else base.sample)
     data_range = 2.0 if pixels else float(ref.max() - ref.min())
-    rows = [dict(setting="uncached", seconds=base.seconds, speedup=1.0, bound=1.0, full=None, cached=0,
+    rows = [dict(setting="uncached", seconds=base.seconds, speedup=1.0, bound=1.0, full=None, cached=0, empty=0,
                  psnr=float("inf"), ssim=1.0, warning=None)]
     for cache, res in zip(caches[1:], cached):
         out = _pixels(vae, ckpt.family, model, res.sample)
@@ -302,7 +302,8 @@ def cmd_bench(args) -> int:
         rows.append(dict(
             setting=cache.describe(), seconds=res.seconds,
             speedup=speedup, bound=res.speedup_bound, full=res.stats.full_steps,
-            cached=res.stats.cached_steps, psnr=psnr(out, ref, data_range), ssim=ssim(out, ref, data_range),
+            cached=res.stats.cached_steps, empty=res.stats.empty_steps, psnr=psnr(out, ref, data_range),
+            ssim=ssim(out, ref, data_range),
             warning=(f"measured {speedup:.2f}x is above the bound {res.speedup_bound:.2f}x: timing noise "
                      f"(raise --repeats)") if speedup > res.speedup_bound * NOISE_MARGIN else None,
         ))

@@ -146,7 +146,7 @@ def run(
                "npz": str(out / f"{setting.name}.npz")}
         if done and done[0]["stats"] is not None:
             first = done[0]["stats"]  # every batch of a setting has the same schedule
-            row.update(full_steps=first.full_steps, cached_steps=first.cached_steps,
+            row.update(full_steps=first.full_steps, cached_steps=first.cached_steps, empty_steps=first.empty_steps,
                        block_compute=round(first.blocks_run / first.blocks_uncached, 4),
                        speedup_bound=round(done[0]["bound"], 4), per_trajectory=first.summary())
         summary["settings"].append(row)

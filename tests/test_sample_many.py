@@ -74,6 +74,7 @@ def test_one_process_writes_every_sample_an_npz_per_setting_and_a_summary(single
     plain, cached = summary["settings"]
     assert plain["skip_cache"] is None and "full_steps" not in plain
     assert cached["skip_cache"] == "n=2 1000->0 k=1" and (cached["full_steps"], cached["cached_steps"]) == (3, 3)
+    assert cached["empty_steps"] == 0
     assert cached["block_compute"] == pytest.approx((3 * 4 + 3 * 2) / 24)  # 4 pairs, k = 1 on cached steps
     for row in (plain, cached):
         assert row["made_this_run"] == 6 and row["already_complete"] == 0 and row["samples_per_second"] > 0

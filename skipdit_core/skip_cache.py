@@ -269,16 +269,11 @@ class SkipCacheRun:
         self.stats.blocks_run += units * self.blocks_per_unit
         self.stats.blocks_uncached += self.stack.num_units * self.blocks_per_unit
         self.stats.schedule.append("E" if empty else "C" if cached else "F")
-        self.current = self.current_output = None
-        if empty:
-            self.stats.cached_steps += 1
-            self.stats.empty_steps += 1
-            self.current_output = self.outputs.predict(self._t)
-        elif cached:
-            self.stats.cached_steps += 1
-            self.current = self.history.predict(self._t)
-        else:
-            self.stats.full_steps += 1
+        self.stats.cached_steps += cached
+        self.stats.empty_steps += empty
+        self.stats.full_steps += not cached
+        self.current = self.history.predict(self._t) if cached and not empty else None
+        self.current_output = self.outputs.predict(self._t) if empty else None
         return self.repeat_step()
 
     def repeat_step(self) -> Optional[StackCut]:

@@ -54,6 +54,11 @@ PEERS = {
     # diffusers' default (0.06, 3 skips in a row) and two more aggressive ones; 0.02 skipped 1 step of 50
     "magcache": ("MagCache", [{"threshold": 0.06}, {"threshold": 0.12, "max_skip_steps": 4},
                               {"threshold": 0.24, "max_skip_steps": 6}]),
+    # cache-dit's DBCache: F1B0 (its FBCache-like mode) at three thresholds, with its TaylorSeer calibrator at
+    # two, and F2B1 with the calibrator; warm-up 8 steps (cache-dit's default)
+    "cachedit": ("cache-dit DBCache", [{"Fn": 1, "Bn": 0, "threshold": v} for v in (0.02, 0.04, 0.08)]
+                 + [{"Fn": 1, "Bn": 0, "threshold": v, "taylorseer_order": 1} for v in (0.04, 0.08)]
+                 + [{"Fn": 2, "Bn": 1, "threshold": 0.08, "taylorseer_order": 1}]),
 }
 CALIBRATION_SEED = 99  # MagCache calibrates on a trajectory outside the compared ones
 assert set(PEERS) == set(METHODS)

@@ -4,8 +4,8 @@
         result = pipeline.generate(model, req)      # unchanged: one batched cond + uncond call per step
     print(stats.compute_fraction, result.seconds)
 
-All five run through diffusers' own hooks (`diffusers.hooks`, tested with diffusers 0.42); none is a
-re-implementation. Our model is not a diffusers model, so a thin adapter presents it the way each hook
+Five run through diffusers' own hooks (`diffusers.hooks`, tested with diffusers 0.42), the sixth is
+cache-dit's own DBCache; none is a re-implementation. Our model is not a diffusers model, so a thin adapter presents it the way each hook
 expects, only for the duration of the context and only on this model instance (no class of ours is
 patched, nothing in `skipdit_core` changes):
 
@@ -16,6 +16,7 @@ patched, nothing in `skipdit_core` changes):
 | "fastercache" | `apply_faster_cache`                 | attention wrapped as for PAB; the denoiser-level hook (CFG-Cache) sits on the model itself, behind `_UncondFirstHook`, which presents our [cond, uncond] batch in the [uncond, cond] order the hook assumes and swaps the output back |
 | "taylorseer"  | `apply_taylorseer_cache`             | each `blocks.N.attn` and `blocks.N.mlp` is wrapped (`_AttentionAdapter`, `_Adapter`) and predicted by Taylor expansion (TaylorSeer's DiT code predicts both; diffusers' default hooks attention only) |
 | "magcache"    | `apply_mag_cache`                    | as FBCache: the hook's blocks are the stack units (`_PairUnit`); its magnitude ratios come from diffusers' own calibration mode (`magcache_ratios`) |
+| "cachedit"    | cache-dit's `enable_cache` (DBCache, optional TaylorSeer calibrator; `pip install cache-dit`, tested with 1.5.3) | cache-dit's transformer-only path: a `BlockAdapter` over `_PairStack`, a module whose `blocks` are the `_PairUnit`s and whose forward loops over them (cache-dit swaps that list for its cached blocks during the forward); `model.stack` runs the whole stack through it |
 
 Why pairs for FBCache: applied to the 2L raw blocks, the hook's tail residual would be "last temporal
 block output minus first spatial block output", two tensors in different layouts ((B*T, F, D) vs
@@ -50,6 +51,12 @@ Knobs (defaults in `METHODS`, for a 50-step DDIM run with guidance; timesteps ar
 - taylorseer: `interval` — full compute every N steps after `warmup` full steps, attention / MLP
   outputs predicted by an order-`order` Taylor expansion in between (factors kept in float32);
   1 = never skip.
+- cachedit: DBCache. `Fn` / `Bn` — the first / last units always computed; `threshold` — the middle
+  units are skipped (their last residual reused) when the first `Fn` units' residual changed by less
+  than this (relative L1); `warmup` — full steps first (cache-dit's `max_warmup_steps`, default 8);
+  `taylorseer_order` — 0: plain reuse, 1-2: cache-dit's TaylorSeer calibrator forecasts the reused
+  residual. One cache-dit context per setting, refreshed at every new trajectory; cond and uncond are
+  one batched call (`enable_separate_cfg=False`). threshold=0 = never skip.
 - magcache: `threshold` — skip every unit (the output is the input plus the last residual) while the
   error accumulated from the calibrated magnitude ratios stays below it, at most `max_skip_steps` in a
   row, never in the first `retention_ratio` of the `num_inference_steps` steps (diffusers' defaults);
@@ -75,6 +82,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "taylorseer": {"interval": 4, "order": 2, "warmup": 3},
     "magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "num_inference_steps": 50,
                  "mag_ratios": None},
+    "cachedit": {"Fn": 1, "Bn": 0, "threshold": 0.08, "warmup": 8, "taylorseer_order": 0},
 }
 
 # Module names of the attention layers as the hooks see them (`blocks.N.attn`, N even: spatial).
@@ -186,6 +194,36 @@ class _PairUnits(nn.Module):
         self.transformer_blocks = nn.ModuleList([_PairUnit(i) for i in range(n)])
 
 
+class _PairStack(nn.Module):
+    """The vanilla stack as one module, the shape cache-dit patches: `blocks` holds the `_PairUnit`s and
+    forward(hidden_states, run_unit) runs them in order, (B*F, T, D) -> (B*F, T, D)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.blocks = nn.ModuleList([_PairUnit(i) for i in range(n)])
+
+    def forward(self, hidden_states: torch.Tensor, run_unit: Callable) -> torch.Tensor:
+        for block in self.blocks:
+            hidden_states = block(hidden_states, run_unit)
+        return hidden_states
+
+
+class _WholeStackView:
+    """Replaces a vanilla `model.stack` for the context: the whole run is one `_PairStack` call (what
+    cache-dit wraps). No skip branch to fuse and no cut: that holds for the vanilla twin only."""
+
+    def __init__(self, stack, pair_stack: _PairStack):
+        self._stack, self._pair_stack = stack, pair_stack
+
+    def run(self, h, run_unit, fuse, cut=None):
+        if cut is not None or self._stack.observers:
+            raise ValueError("cachedit runs the whole vanilla stack: no stack cut, no observers")
+        return self._pair_stack(h, run_unit)
+
+    def __getattr__(self, name):
+        return getattr(self._stack, name)
+
+
 class _PairStackView:
     """Replaces `model.stack` for the context: the same UStack run, every unit through its `_PairUnit`."""
 
@@ -234,6 +272,7 @@ class _Session:
         self.t: float | None = None  # the current call's timestep, for the hooks' callbacks
         self.roots: list[nn.Module] = []  # modules whose diffusers hook trees hold state
         self.check_inputs: Callable | None = None
+        self.on_new_run: list[Callable[[], None]] = []  # resets of state kept outside diffusers' hooks
         self._last_t: float | None = None
         self._undo: list[Callable[[], None]] = []
         self._blocks = list(model.blocks)
@@ -313,6 +352,8 @@ class _Session:
         for root in self.roots:
             HookRegistry.check_if_exists_or_initialize(root).reset_stateful_hooks(recurse=True)
             _set_context(root)  # a reset drops the StateManagers' context
+        for reset in self.on_new_run:
+            reset()
 
 
 def _set_context(root: nn.Module) -> None:
@@ -420,16 +461,20 @@ def _apply_taylorseer(s: _Session, interval: int, order: int, warmup: int) -> No
     ))
 
 
-def _pair_units(s: _Session, method: str) -> nn.Module:
-    """The stack units as diffusers transformer blocks, for the hooks that cache a vanilla stack's residual."""
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-
-    model = s.model
+def _require_vanilla(model: nn.Module, method: str) -> None:
     if model.stack.num_skips:
         raise ValueError(
             f"{method} runs on a vanilla model: with long skips, the fused skip inputs of the skipped units "
             "would break the cached residual"
         )
+
+
+def _pair_units(s: _Session, method: str) -> nn.Module:
+    """The stack units as diffusers transformer blocks, for the hooks that cache a vanilla stack's residual."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    model = s.model
+    _require_vanilla(model, method)
     TransformerBlockRegistry.register(
         _PairUnit, TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
     )
@@ -474,13 +519,51 @@ def magcache_ratios(model: nn.Module, request) -> list[float]:
     return ratios
 
 
+def _apply_cachedit(s: _Session, Fn: int, Bn: int, threshold: float, warmup: int, taylorseer_order: int) -> None:
+    import copy
+    import logging
+
+    try:
+        import cache_dit
+        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+    except ImportError as e:
+        raise ImportError("cachedit needs cache-dit: pip install cache-dit (tested with 1.5.3)") from e
+    for name in list(logging.root.manager.loggerDict):  # its info and warning lines (pipe is None, pattern check
+        # skipped: both expected here), several per setting, would flood the tables
+        if name.lower().startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    model = s.model
+    _require_vanilla(model, "cachedit")
+    units = model.stack.num_units
+    if not (Fn >= 1 and Bn >= 0 and Fn + Bn < units):
+        raise ValueError(f"cachedit: Fn={Fn} + Bn={Bn} compute units must leave some of the {units} units to cache")
+    if taylorseer_order not in (0, 1, 2):
+        raise ValueError(f"cachedit: taylorseer_order is 0 (reuse), 1 or 2; got {taylorseer_order}")
+    config = DBCacheConfig(Fn_compute_blocks=Fn, Bn_compute_blocks=Bn, residual_diff_threshold=threshold,
+                           max_warmup_steps=warmup, enable_separate_cfg=False)
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+    pair_stack = _PairStack(units)
+    cache_dit.enable_cache(
+        BlockAdapter(transformer=pair_stack, blocks=pair_stack.blocks, forward_pattern=ForwardPattern.Pattern_3,
+                     check_forward_pattern=False),  # the check inspects a diffusers block's signature
+        cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator),
+    )
+    s._undo.append(lambda: cache_dit.disable_cache(pair_stack))
+    s.swap(model, "stack", _WholeStackView(model.stack, pair_stack))
+    # A fresh context per trajectory: cache-dit's persistent (transformer-only) context keeps its buffers and
+    # step counter across calls otherwise.
+    s.on_new_run.append(lambda: cache_dit.refresh_context(
+        pair_stack, cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator)))
+
+
 _APPLY = {"fbcache": _apply_fbcache, "pab": _apply_pab, "fastercache": _apply_fastercache, "taylorseer": _apply_taylorseer,
-          "magcache": _apply_magcache}
+          "magcache": _apply_magcache, "cachedit": _apply_cachedit}
 
 
 @contextmanager
 def peer_cache(model: nn.Module, method: str, **params) -> Iterator[PeerStats]:
-    """Apply `method` ("fbcache", "pab", "fastercache", "taylorseer", "magcache") to a Latte `model`
+    """Apply `method` ("fbcache", "pab", "fastercache", "taylorseer", "magcache", "cachedit") to a Latte `model`
     in place for the duration; restores the model exactly on exit (also on an exception).
 
     params override `METHODS[method]`. The model keeps its call signature, model(x, t, y, cut=None)

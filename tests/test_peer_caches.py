@@ -1,8 +1,10 @@
-"""benchmarks/peer_caches.py: FBCache, PAB, FasterCache, TaylorSeer, MagCache (diffusers' hooks) on a tiny vanilla Latte."""
+"""benchmarks/peer_caches.py: FBCache, PAB, FasterCache, TaylorSeer, MagCache (diffusers' hooks) and cache-dit's DBCache
+on a tiny vanilla Latte."""
 import pytest
 import torch
 
 pytest.importorskip("diffusers", minversion="0.42")
+pytest.importorskip("cache_dit", minversion="1.5")
 
 from helpers import randomize
 
@@ -22,6 +24,7 @@ AGGRESSIVE = {
     "fastercache": dict(uncond_skip=2, attention_skip=2, uncond_window=ALL_T, attention_window=ALL_T),
     "taylorseer": dict(interval=3, order=2, warmup=2),
     "magcache": dict(threshold=10.0, max_skip_steps=2, retention_ratio=0.0, num_inference_steps=12, mag_ratios=[1.0] * 12),
+    "cachedit": dict(Fn=1, Bn=1, threshold=10.0, warmup=4, taylorseer_order=1),
 }
 NEVER = {
     "fbcache": dict(threshold=0.0),
@@ -29,6 +32,7 @@ NEVER = {
     "fastercache": dict(uncond_skip=1, uncond_window=ALL_T, attention_window=ALL_T),
     "taylorseer": dict(interval=1),
     "magcache": dict(max_skip_steps=0, num_inference_steps=12, mag_ratios=[1.0] * 12),
+    "cachedit": dict(threshold=0.0, warmup=0),
 }
 # Attention / MLP calls one 12-step run executes with AGGRESSIVE (of 12 * 8 each), by each method's rule:
 EXPECTED_CALLS = {
@@ -37,6 +41,7 @@ EXPECTED_CALLS = {
     "fastercache": (6 * 8, 12 * 8),  # odd steps: uncond skipped, attention extrapolated; MLPs on the cond half
     "taylorseer": (5 * 8, 5 * 8),  # steps 0, 1 (warm-up), then 3, 6, 9
     "magcache": (4 * 8, 4 * 8),  # steps 0, 3, 6, 9: every unit skipped for 2 steps after each computed one
+    "cachedit": (4 * 8 + 8 * 4, 4 * 8 + 8 * 4),  # steps 0..3 (warm-up) full, then only the first and last pairs
 }
 
 
@@ -66,7 +71,7 @@ def fingerprint(model):
 
 
 def test_methods_list_their_knobs():
-    assert set(METHODS) == {"fbcache", "pab", "fastercache", "taylorseer", "magcache"}
+    assert set(METHODS) == {"fbcache", "pab", "fastercache", "taylorseer", "magcache", "cachedit"}
     for method in METHODS:
         assert set(AGGRESSIVE[method]) <= set(METHODS[method]) and set(NEVER[method]) <= set(METHODS[method])
 
@@ -175,4 +180,17 @@ def test_magcache_ratios_come_from_diffusers_calibration_and_drive_the_skips(mod
         generate(model, REQUEST)
     assert stats.attn_calls == 6 * DEPTH  # computed and skipped alternate
     with pytest.raises(ValueError, match="magcache needs the model's mag_ratios"), peer_cache(model, "magcache"):
+        pass
+
+
+def test_cachedit_taylorseer_calibrator_forecasts_the_reused_residual(model, uncached):
+    """Same schedule with and without cache-dit's TaylorSeer calibrator; only the reused residual differs."""
+    outs, calls = [], []
+    for order in (0, 1):
+        with peer_cache(model, "cachedit", **{**AGGRESSIVE["cachedit"], "taylorseer_order": order}) as stats:
+            outs.append(generate(model, REQUEST).sample)
+        calls.append((stats.attn_calls, stats.mlp_calls))
+    assert calls[0] == calls[1] == EXPECTED_CALLS["cachedit"]
+    assert not torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="leave some of the 4 units"), peer_cache(model, "cachedit", Fn=2, Bn=2):
         pass

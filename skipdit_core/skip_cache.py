@@ -35,6 +35,9 @@ Two more options, both off by default (the rule above, unchanged):
 - `forecast_warmup`: a step that would be cached while the forecast holds fewer than order + 1 full
   steps runs in full instead, and the interval counts again from it. Without it the first cached
   steps of a run extrapolate from fewer points (order 0: the last full state itself).
+With both, on the realistic-depth twins, for every peer setting measured (First Block Cache, PAB,
+FasterCache, TaylorSeer, MagCache, cache-dit's DBCache) some setting at no more block compute is
+closer to its uncached output (docs/benchmarks.md, section 5).
 
 Timesteps are the training timesteps 0..1000 the model sees. The window is `start -> end`
 (the paper's 700 -> 50). The percent form counts sampling progress: 0% is t = 1000, 100% is

@@ -4,10 +4,10 @@
         result = pipeline.generate(model, req)      # unchanged: one batched cond + uncond call per step
     print(stats.compute_fraction, result.seconds)
 
-Five run through diffusers' own hooks (`diffusers.hooks`, tested with diffusers 0.42), the sixth is
-cache-dit's own DBCache; none is a re-implementation. Our model is not a diffusers model, so a thin adapter presents it the way each hook
-expects, only for the duration of the context and only on this model instance (no class of ours is
-patched, nothing in `skipdit_core` changes):
+Five run through diffusers' own hooks (`diffusers.hooks`, tested with diffusers 0.42), the sixth through
+cache-dit's own `enable_cache`; none is a re-implementation. Our model is not a diffusers model, so a thin
+adapter presents it the way each method expects, only for the duration of the context and only on this
+model instance (no class of ours is patched, nothing in `skipdit_core` changes):
 
 | method        | diffusers hook                       | what the adapter does                                     |
 |---------------|--------------------------------------|-----------------------------------------------------------|

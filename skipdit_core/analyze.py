@@ -166,6 +166,15 @@ def suggest(dyn: FeatureDynamics, threshold: float = 0.99, depth: int = 1) -> Op
                       stats.speedup_bound(depth, dyn.num_units))
 
 
+def _replay_psnr(model, req: Request, configs: dict, reference: Optional[torch.Tensor]) -> dict:
+    """{key: PSNR (dB) of the output under configs[key] against the uncached output of `req`}."""
+    from .media import psnr
+
+    ref = reference if reference is not None else generate(model, req).sample
+    data_range = float(ref.max() - ref.min()) or 1.0
+    return {key: psnr(generate(model, req, config).sample, ref, data_range) for key, config in configs.items()}
+
+
 def compare_forecasts(model, req: Request, config: SkipCacheConfig, orders=(0, 1, 2),
                       reference: Optional[torch.Tensor] = None) -> dict[int, float]:
     """PSNR (dB) of the output with each forecast order of `config` against the uncached output, on the
@@ -174,11 +183,22 @@ def compare_forecasts(model, req: Request, config: SkipCacheConfig, orders=(0, 1
     uncached output when already sampled (`FeatureDynamics.sample`), else it is sampled here."""
     from dataclasses import replace
 
-    from .media import psnr
+    return _replay_psnr(model, req, {order: replace(config, forecast=order) for order in orders}, reference)
 
-    ref = reference if reference is not None else generate(model, req).sample
-    data_range = float(ref.max() - ref.min()) or 1.0
-    return {order: psnr(generate(model, req, replace(config, forecast=order)).sample, ref, data_range) for order in orders}
+
+DAMPINGS = (1.0, 0.85, 0.7, 0.55)
+
+
+def compare_dampings(model, req: Request, config: SkipCacheConfig, dampings=DAMPINGS,
+                     reference: Optional[torch.Tensor] = None) -> dict[float, float]:
+    """PSNR (dB) with each forecast_damping of `config` (a forecast order >= 1) against the uncached
+    output of `req`: a full-order extrapolation overshoots where the deep state bends, and how much
+    of it to apply depends on the model, so it is measured on this trajectory, not assumed."""
+    from dataclasses import replace
+
+    if config.forecast == 0:
+        raise ValueError("forecast_damping only acts on a forecast: give a config with forecast 1 or 2")
+    return _replay_psnr(model, req, {d: replace(config, forecast_damping=d) for d in dampings}, reference)
 
 
 def plot_dynamics(panels: Sequence[tuple[str, FeatureDynamics]], path: str,

@@ -509,8 +509,9 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     import os
+    from dataclasses import replace
 
-    from .analyze import compare_forecasts, plot_dynamics, record_dynamics, suggest
+    from .analyze import compare_dampings, compare_forecasts, plot_dynamics, record_dynamics, suggest
     from .loading import load_model
 
     panels = []
@@ -546,10 +547,19 @@ def cmd_analyze(args) -> int:
         print("  forecast of the cut state, PSNR to the uncached output: "
               + ", ".join(f"order {k} {v:.2f} dB" for k, v in scores.items())
               + f" -> forecast {order}" + (" (reuse, as the paper)" if order == 0 else ""))
+        cli_damping = node_damping = ""
+        if order:
+            dampings = compare_dampings(skip_model, skip_req, replace(tip.config, forecast=order),
+                                        reference=skip_dyn.sample)
+            damping = max(dampings, key=dampings.get)
+            print(f"  forecast damping (order {order}), PSNR: "
+                  + ", ".join(f"{k:g} {v:.2f} dB" for k, v in dampings.items()) + f" -> damping {damping:g}")
+            if damping != 1.0:
+                cli_damping, node_damping = f" --cache-forecast-damping {damping:g}", f", forecast_damping {damping:g}"
         print(f"  skipdit sample ... --cache-interval {tip.interval} --cache-start {tip.start} --cache-end {tip.end} "
-              f"--cache-depth {tip.depth} --cache-forecast {order}")
+              f"--cache-depth {tip.depth} --cache-forecast {order}{cli_damping}")
         print(f"  ComfyUI Apply Skip-Cache: interval {tip.interval}, start {tip.start}, end {tip.end} (timesteps), "
-              f"depth {tip.depth}, forecast {order}")
+              f"depth {tip.depth}, forecast {order}{node_damping}")
     return 0
 
 

@@ -103,6 +103,14 @@ def test_analyze_command_writes_the_heatmap_and_prints_settings(tmp_path, capsys
     values = [float(v) for v in scores.groups()[:3]]
     assert int(scores.group(4)) == values.index(max(values))
     assert f"--cache-forecast {scores.group(4)}" in out
+    if scores.group(4) != "0":  # with a forecast, the damping is replayed too and the best one suggested
+        damp = re.search(r"forecast damping \(order \d\), PSNR: 1 ([\d.inf]+) dB, 0.85 ([\d.inf]+) dB, "
+                         r"0.7 ([\d.inf]+) dB, 0.55 ([\d.inf]+) dB -> damping ([\d.]+)", out)
+        assert damp, out
+        values = [float(v) for v in damp.groups()[:4]]
+        best = [1.0, 0.85, 0.7, 0.55][values.index(max(values))]
+        assert float(damp.group(5)) == best
+        assert (f"--cache-forecast-damping {best:g}" in out) == (best != 1.0)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -117,3 +125,18 @@ def test_the_recorded_sample_is_the_uncached_output_compare_forecasts_reuses():
     assert torch.equal(dyn.sample, generate(model, req).sample)  # the observer changes nothing
     config = SkipCacheConfig(interval=2, start=1000, end=0)
     assert compare_forecasts(model, req, config, reference=dyn.sample) == compare_forecasts(model, req, config)
+
+
+def test_compare_dampings_replays_the_forecast_at_each_damping():
+    from skipdit_core.analyze import compare_dampings, compare_forecasts
+    from skipdit_core.skip_cache import SkipCacheConfig
+
+    model, _ = tiny_latte(True)
+    req = Request("latte", label=1, frames=4, size=8, sampler="ddim", steps=10, guidance=3.0, seed=1)
+    config = SkipCacheConfig(interval=3, start=1000, end=0, forecast=1)
+    scores = compare_dampings(model, req, config, dampings=(1.0, 0.5, 0.0))
+    assert list(scores) == [1.0, 0.5, 0.0]
+    assert scores[1.0] == compare_forecasts(model, req, config, orders=(1,))[1]  # damping 1: the plain forecast
+    assert scores[0.0] == compare_forecasts(model, req, config, orders=(0,))[0]  # damping 0: the paper's reuse
+    with pytest.raises(ValueError, match="only acts on a forecast"):
+        compare_dampings(model, req, SkipCacheConfig(interval=3))

@@ -16,7 +16,7 @@ model instance (no class of ours is patched, nothing in `skipdit_core` changes):
 | "fastercache" | `apply_faster_cache`                 | attention wrapped as for PAB; the denoiser-level hook (CFG-Cache) sits on the model itself, behind `_UncondFirstHook`, which presents our [cond, uncond] batch in the [uncond, cond] order the hook assumes and swaps the output back |
 | "taylorseer"  | `apply_taylorseer_cache`             | each `blocks.N.attn` and `blocks.N.mlp` is wrapped (`_AttentionAdapter`, `_Adapter`) and predicted by Taylor expansion (TaylorSeer's DiT code predicts both; diffusers' default hooks attention only) |
 | "magcache"    | `apply_mag_cache`                    | as FBCache: the hook's blocks are the stack units (`_PairUnit`); its magnitude ratios come from diffusers' own calibration mode (`magcache_ratios`) |
-| "cachedit"    | cache-dit's `enable_cache` (DBCache, optional TaylorSeer calibrator; `pip install cache-dit`, tested with 1.5.3) | cache-dit's transformer-only path: a `BlockAdapter` over `_PairStack`, a module whose `blocks` are the `_PairUnit`s and whose forward loops over them (cache-dit swaps that list for its cached blocks during the forward); `model.stack` runs the whole stack through it |
+| "cachedit"    | cache-dit's `enable_cache` (DBCache, optional TaylorSeer calibrator; `pip install cache-dit`, tested with 1.5.3) | cache-dit's transformer-only path: a `BlockAdapter` over `_PairUnits` (FBCache's holder of the `_PairUnit`s), whose forward loops over them (cache-dit swaps that list for its cached blocks during the forward); `model.stack` runs the whole stack through it |
 
 Why pairs for FBCache: applied to the 2L raw blocks, the hook's tail residual would be "last temporal
 block output minus first spatial block output", two tensors in different layouts ((B*T, F, D) vs
@@ -187,38 +187,31 @@ class _PairUnit(nn.Module):
 
 
 class _PairUnits(nn.Module):
-    """Holds the `_PairUnit`s under the name diffusers' FBCache looks for (`transformer_blocks`)."""
+    """The `_PairUnit`s under the name diffusers' FBCache / MagCache look for (`transformer_blocks`); as a
+    module, forward(hidden_states, run_unit) runs them in order, (B*F, T, D) -> (B*F, T, D): the shape
+    cache-dit patches (it swaps that list for its cached blocks during the forward)."""
 
     def __init__(self, n: int):
         super().__init__()
         self.transformer_blocks = nn.ModuleList([_PairUnit(i) for i in range(n)])
 
-
-class _PairStack(nn.Module):
-    """The vanilla stack as one module, the shape cache-dit patches: `blocks` holds the `_PairUnit`s and
-    forward(hidden_states, run_unit) runs them in order, (B*F, T, D) -> (B*F, T, D)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.blocks = nn.ModuleList([_PairUnit(i) for i in range(n)])
-
     def forward(self, hidden_states: torch.Tensor, run_unit: Callable) -> torch.Tensor:
-        for block in self.blocks:
+        for block in self.transformer_blocks:
             hidden_states = block(hidden_states, run_unit)
         return hidden_states
 
 
 class _WholeStackView:
-    """Replaces a vanilla `model.stack` for the context: the whole run is one `_PairStack` call (what
+    """Replaces a vanilla `model.stack` for the context: the whole run is one `_PairUnits` call (what
     cache-dit wraps). No skip branch to fuse and no cut: that holds for the vanilla twin only."""
 
-    def __init__(self, stack, pair_stack: _PairStack):
-        self._stack, self._pair_stack = stack, pair_stack
+    def __init__(self, stack, units: _PairUnits):
+        self._stack, self._units = stack, units
 
     def run(self, h, run_unit, fuse, cut=None):
         if cut is not None or self._stack.observers:
             raise ValueError("cachedit runs the whole vanilla stack: no stack cut, no observers")
-        return self._pair_stack(h, run_unit)
+        return self._units(h, run_unit)
 
     def __getattr__(self, name):
         return getattr(self._stack, name)
@@ -543,18 +536,19 @@ def _apply_cachedit(s: _Session, Fn: int, Bn: int, threshold: float, warmup: int
     config = DBCacheConfig(Fn_compute_blocks=Fn, Bn_compute_blocks=Bn, residual_diff_threshold=threshold,
                            max_warmup_steps=warmup, enable_separate_cfg=False)
     calibrator = TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
-    pair_stack = _PairStack(units)
+    pair_units = _PairUnits(units)
     cache_dit.enable_cache(
-        BlockAdapter(transformer=pair_stack, blocks=pair_stack.blocks, forward_pattern=ForwardPattern.Pattern_3,
+        BlockAdapter(transformer=pair_units, blocks=pair_units.transformer_blocks, blocks_name="transformer_blocks",
+                     forward_pattern=ForwardPattern.Pattern_3,
                      check_forward_pattern=False),  # the check inspects a diffusers block's signature
         cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator),
     )
-    s._undo.append(lambda: cache_dit.disable_cache(pair_stack))
-    s.swap(model, "stack", _WholeStackView(model.stack, pair_stack))
+    s._undo.append(lambda: cache_dit.disable_cache(pair_units))
+    s.swap(model, "stack", _WholeStackView(model.stack, pair_units))
     # A fresh context per trajectory: cache-dit's persistent (transformer-only) context keeps its buffers and
     # step counter across calls otherwise.
     s.on_new_run.append(lambda: cache_dit.refresh_context(
-        pair_stack, cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator)))
+        pair_units, cache_config=copy.deepcopy(config), calibrator_config=copy.deepcopy(calibrator)))
 
 
 _APPLY = {"fbcache": _apply_fbcache, "pab": _apply_pab, "fastercache": _apply_fastercache, "taylorseer": _apply_taylorseer,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-skipdit"
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def child_env() -> dict:
@@ -81,7 +83,9 @@ class Server:
         self.stop()
 
     def log(self, start: int = 0) -> str:
-        return self.log_path.read_text(errors="replace")[start:]
+        """The server's output from character `start` on, without the ANSI colour codes ComfyUI 0.33 puts
+        around its level tags (so that searches for a message, e.g. "Cannot import", see the plain text)."""
+        return ANSI_CODE.sub("", self.log_path.read_text(errors="replace"))[start:]
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.time() + timeout

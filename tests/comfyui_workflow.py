@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
@@ -123,10 +123,15 @@ def widget_layout(schema: dict) -> list[tuple[Optional[str], list]]:
     return layout
 
 
-def widget_values(node_id, kind: str, schema: dict, values) -> tuple[dict, list]:
+def widget_values(node_id, kind: str, schema: dict, values, file_widgets: Sequence[str] = ()) -> tuple[dict, list]:
     """({input name: value}, inputs as expand_inputs gives them) of one node's `widgets_values`: a list in
     layout order (dynamic combos expanded by the values they hold) or a dict by widget name. A file saved
-    before a node gained optional widgets lacks them: they take their defaults, as the frontend does."""
+    before a node gained optional widgets lacks them: they take their defaults, as the frontend does.
+
+    file_widgets: the widget names the file's node lists in its `inputs`. A file saved by a newer ComfyUI,
+    whose node lists widgets this schema does not have, holds values beyond this schema's widgets: the
+    frontend fills this schema's widgets in order and drops the rest, and so does this. Values beyond the
+    widgets with no such widget in the file are an error."""
     named = isinstance(values, dict)
     out, taken, layout = {}, 0, []
 
@@ -153,7 +158,8 @@ def widget_values(node_id, kind: str, schema: dict, values) -> tuple[dict, list]
         return value
 
     inputs = expand_inputs(schema, take)
-    if not named and taken < len(values):
+    newer_file = [w for w in file_widgets if w not in layout]
+    if not named and taken < len(values) and not newer_file:
         raise WorkflowError(f"node {node_id} ({kind}): {len(values)} widget values for {len(layout)} widgets {layout}")
     return out, inputs
 
@@ -217,7 +223,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         linked = {inp["name"]: inp for inp in node.get("inputs") or [] if inp.get("link") is not None}
         # frontend 1.58 also writes widgets_values_named and leaves out an empty widgets_values
         values = node.get("widgets_values") or node.get("widgets_values_named") or []
-        values_by_name, all_inputs = widget_values(node_id, kind, schema, values)
+        file_widgets = [inp["widget"]["name"] for inp in node.get("inputs") or [] if "widget" in inp]
+        values_by_name, all_inputs = widget_values(node_id, kind, schema, values, file_widgets)
         inputs = {}
         for name, spec, required in all_inputs:
             if name in linked:

@@ -25,6 +25,10 @@ OUT = ROOT / "workflows"
 # DDIM 50 grid the authors' Skip-Cache windows (in timesteps) were set on.
 SAMPLER = {"sampler_name": "ddim", "scheduler": "ddim_uniform"}
 
+# Frontend 1.49 (ComfyUI 0.33's own) resizes SaveVideo, whose `format` is a dynamic combo since 0.33, to this
+# height when it loads a workflow (the video preview grows it again); 1.27 and 1.58 keep the file's size.
+SAVE_VIDEO_HEIGHT = 106.0
+
 DEMO_TEXT = """Skip-DiT demo: moving shapes (CPU, nothing to download)
 
 Model: skip-latte-shapes.safetensors, bundled with the pack (skipdit_core/assets/, listed by Load Skip-DiT Model). A class-conditional pixel-space Skip-Latte (about 1 M parameters): 8 frames of 16x16 RGB, no VAE; each shape in its own colour (red circle, green square, blue triangle, yellow cross). Upscale Image (nearest-exact) makes the saved video 128x128 to be seen.
@@ -98,7 +102,7 @@ def demo():
              {"image": (6, 0)}),
         Node(7, "CreateVideo", (1160, 300), {"fps": 8.0}, {"images": (10, 0)}),
         Node(8, "SaveVideo", (1500, 0), {"filename_prefix": "skipdit/demo-moving-shapes", "format": "auto", "codec": "auto"},
-             {"video": (7, 0)}, size=(320.0, 380.0)),
+             {"video": (7, 0)}, size=(320.0, SAVE_VIDEO_HEIGHT)),
     ]
     return nodes, (note(9, (420, 330), DEMO_TEXT, size=(720.0, 300.0), title="Read me"),)
 
@@ -123,7 +127,7 @@ def latte_t2v():
         Node(9, "SkipDiTDecodeVideo", (1120, 0), {}, {"samples": (7, 0), "vae": (8, 0)}),
         Node(10, "CreateVideo", (1120, 150), {"fps": 8.0}, {"images": (9, 0)}),
         Node(11, "SaveVideo", (1460, 0), {"filename_prefix": "skipdit/latte-t2v", "format": "auto", "codec": "auto"},
-             {"video": (10, 0)}, size=(420.0, 500.0)),
+             {"video": (10, 0)}, size=(420.0, SAVE_VIDEO_HEIGHT)),
     ]
     return nodes, (note(12, (760, 470), T2V_TEXT, size=(660.0, 300.0), title="Read me"),)
 
@@ -143,7 +147,7 @@ def latte_ucf101():
         Node(7, "SkipDiTDecodeVideo", (1120, 0), {}, {"samples": (5, 0), "vae": (6, 0)}),
         Node(8, "CreateVideo", (1120, 150), {"fps": 8.0}, {"images": (7, 0)}),
         Node(9, "SaveVideo", (1460, 0), {"filename_prefix": "skipdit/latte-ucf101", "format": "auto", "codec": "auto"},
-             {"video": (8, 0)}, size=(340.0, 420.0)),
+             {"video": (8, 0)}, size=(340.0, SAVE_VIDEO_HEIGHT)),
     ]
     return nodes, (note(10, (380, 330), UCF_TEXT, size=(720.0, 300.0), title="Read me"),)
 

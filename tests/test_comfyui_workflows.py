@@ -187,6 +187,12 @@ def test_convert_errors_name_the_problem():
 # `codec`, and a hidden optional `codec`), as its /object_info gives them (see the file's _doc).
 V038_VIDEO_FILE = ROOT / "tests" / "data" / "object_info-0.38-video.json"
 V038_VIDEO = {k: v for k, v in json.loads(V038_VIDEO_FILE.read_text()).items() if k != "_doc"}
+# ComfyUI 0.33's schemas of the core nodes the workflows use: what the shipped files are written for. Other
+# versions differ in three of them (SaveImage: an IMAGE output; CreateVideo: an optional bit_depth; SaveVideo: a
+# dynamic-combo format with an optional codec and a VIDEO output, all since 0.3.64).
+V033_CORE_FILE = ROOT / "tests" / "data" / "object_info-0.33-core.json"
+V033_CORE = {k: v for k, v in json.loads(V033_CORE_FILE.read_text()).items() if k != "_doc"}
+CHANGED_SINCE_0_3_64 = {"SaveImage", "CreateVideo", "SaveVideo"}
 IMAGES = {"Images": {"input": {"required": {}}, "output": ["IMAGE"], "output_name": ["IMAGE"], "display_name": "Images"}}
 
 
@@ -236,9 +242,9 @@ def test_0_38_dynamic_combo_values_that_fit_no_option_are_named():
 
 
 def test_shipped_video_nodes_read_under_the_0_38_schemas():
-    """The workflows' CreateVideo / SaveVideo were written against 0.3.64 (CreateVideo: fps; SaveVideo:
-    filename_prefix, format, codec). Under 0.38's schemas the same values fill the same places: fps, the
-    prefix, the format and its nested codec; the widgets 0.38 added take their defaults."""
+    """The workflows' CreateVideo / SaveVideo are written against 0.33 (CreateVideo: fps, bit_depth; SaveVideo:
+    filename_prefix, format, format.codec, codec). Under 0.38's schemas the same values fill the same places
+    (bit_depth is a combo there, of which 8 is an option); the widgets 0.38 added take their defaults."""
     seen = 0
     for path in WORKFLOWS:
         for node in json.loads(path.read_text())["nodes"]:
@@ -247,11 +253,11 @@ def test_shipped_video_nodes_read_under_the_0_38_schemas():
             seen += 1
             values, _ = widget_values(node["id"], node["type"], V038_VIDEO[node["type"]], node["widgets_values"])
             if node["type"] == "CreateVideo":
-                (fps,) = node["widgets_values"]
-                assert values == {"fps": fps, "bit_depth": "auto", "color_space": "sRGB", "codec": "none"}
+                fps, bit_depth = node["widgets_values"]
+                assert values == {"fps": fps, "bit_depth": bit_depth, "color_space": "sRGB", "codec": "none"}
             else:
-                prefix, fmt, codec = node["widgets_values"]
-                assert values == {"filename_prefix": prefix, "format": fmt, "format.codec": codec, "codec": "auto"}
+                prefix, fmt, format_codec, codec = node["widgets_values"]
+                assert values == {"filename_prefix": prefix, "format": fmt, "format.codec": format_codec, "codec": codec}
     assert seen == 6  # the three video workflows, both nodes each (the two image ones have neither)
 
 
@@ -312,7 +318,7 @@ def test_demo_workflow_is_the_demo_command():
     assert (sampler, scheduler) == ("ddim", "ddim_uniform") and defaults["sampler"].default == "ddim"
     assert by_type["SkipDiTEmptyLatteLatent"]["widgets_values"] == [16, 16, 8, 1, "pixels (3 ch)"]
     assert by_type["ImageScale"]["widgets_values"] == ["nearest-exact", 128, 128, "disabled"]  # 8x, to be seen
-    assert by_type["CreateVideo"]["widgets_values"] == [8.0]
+    assert by_type["CreateVideo"]["widgets_values"] == [8.0, 8]  # fps, bit_depth
     assert set(model_files(wf)) == {demo.DEMO_MODEL.name}  # nothing to download
 
 
@@ -347,20 +353,52 @@ def object_info(server) -> dict:
     return server.get("/object_info")
 
 
+@pytest.fixture(scope="module")
+def comfyui_version(server) -> str:
+    return server.get("/system_stats")["system"]["comfyui_version"]
+
+
+def without_file_lists(schema: dict) -> dict:
+    """A schema with its model-file choices emptied (they list what one installation has)."""
+    schema = copy.deepcopy(schema)
+    for section in ("required", "optional"):
+        for name, spec in schema["input"].get(section, {}).items():
+            if name in MODEL_FILE_INPUTS:
+                spec[0] = [] if isinstance(spec[0], list) else spec[0]
+                if len(spec) > 1 and "options" in spec[1]:
+                    spec[1]["options"] = []
+    return schema
+
+
+# The core nodes whose layout in a workflow (sockets, widgets, outputs) differs between a version's schemas and
+# 0.33's, by version: what the shipped files legitimately differ in from a file written on that version.
+LAYOUT_CHANGES = {"0.33.0": set(), "0.3.64": CHANGED_SINCE_0_3_64}
+
+
 @needs_comfyui
-def test_the_workflow_descriptions_build_against_both_versions(object_info):
-    """tests/make_workflows.py writes the same five workflows from this server's schemas (the shipped
-    files) and from them with 0.38's video nodes (dynamic combos), and each converts."""
+def test_the_workflow_descriptions_build_against_both_versions(object_info, comfyui_version):
+    """tests/make_workflows.py writes the five shipped files from 0.33's schemas of the core nodes and this
+    server's of the pack's, on every version; on 0.33 those stored schemas are the server's own. Built from this
+    server's schemas alone, exactly the core nodes that changed between its version and 0.33 come out otherwise.
+    With 0.38's video nodes (dynamic combos) each converts."""
     import make_workflows
 
+    if comfyui_version == "0.33.0":
+        for node_type, schema in V033_CORE.items():
+            assert without_file_lists(object_info[node_type]) == without_file_lists(schema), f"{V033_CORE_FILE.name}: {node_type}"
+    differing = set()
     for name, make in make_workflows.WORKFLOWS.items():
         nodes, notes = make()
-        assert build_workflow(nodes, object_info, notes) == load(name), f"workflows/{name}.json is not what make_workflows.py writes"
+        assert build_workflow(nodes, object_info | V033_CORE, notes) == load(name), f"workflows/{name}.json is not what make_workflows.py writes"
+        here = {n["id"]: n for n in build_workflow(nodes, object_info, notes)["nodes"]}
+        differing |= {n["type"] for n in load(name)["nodes"] if here[n["id"]] != n}
         newer = build_workflow(nodes, object_info | V038_VIDEO, notes)
         api = ui_to_api(newer, object_info | V038_VIDEO)
         for node in api.values():
             if node["class_type"] == "SaveVideo":
                 assert (node["inputs"]["format"], node["inputs"]["format.codec"], node["inputs"]["codec"]) == ("auto", "auto", "auto")
+    if comfyui_version in LAYOUT_CHANGES:
+        assert differing == LAYOUT_CHANGES[comfyui_version], comfyui_version
 
 
 @needs_comfyui
@@ -463,18 +501,34 @@ def test_workflow_loads_in_the_frontend_without_missing_nodes(frontend, object_i
     # The frontend's own API prompt is the converter's.
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}  # noqa: E731
     assert strip(r["apiPrompt"]) == strip(ui_to_api(wf, object_info))
-    # Saved again by the frontend, every node is as in the file (but for the order it computes itself).
+    # Saved again by the frontend, every node is as in the file (but for the order it computes itself), its
+    # sockets and widgets laid out by this server's schemas: the file's own on 0.33; on an older server the core
+    # nodes changed since take the older layout, the frontend keeping the rest of the file (outputs, size).
     # Frontend 1.58 also writes widgets_values_named (the same values by widget name) and leaves out an
-    # empty widgets_values: both are checked against the file, then set aside.
+    # empty widgets_values: both are checked against the file, then set aside. It labels a nested dynamic-combo
+    # socket ("format.codec") by its last part ("codec"): a display label, checked, then set aside.
+    import make_workflows
+
+    nodes, notes = make_workflows.WORKFLOWS[name]()
+    built_here = build_workflow(nodes, object_info, notes)
+    layout_here = {n["id"]: {"inputs": n["inputs"], "widgets_values": n["widgets_values"]} for n in built_here["nodes"]}
     file_nodes = {n["id"]: n for n in wf["nodes"]}
     for n in r["serialized"]["nodes"]:
         if "widgets_values_named" in n:
-            assert list(n["widgets_values_named"].values()) == file_nodes[n["id"]]["widgets_values"], n["type"]
+            assert list(n["widgets_values_named"].values()) == layout_here[n["id"]]["widgets_values"], n["type"]
+        for socket in n.get("inputs", []):
+            if "." in socket["name"] and socket["localized_name"] != socket["name"]:
+                assert frontend_version(frontend) >= (1, 58) and socket["localized_name"] == socket["name"].rsplit(".", 1)[1], socket
+                socket["localized_name"] = socket["name"]
     drop = lambda n: {k: v for k, v in n.items()  # noqa: E731
                       if k not in ("order", "widgets_values_named") and not (k == "widgets_values" and v == [])}
     saved = {n["id"]: drop(n) for n in r["serialized"]["nodes"]}
-    assert saved == {i: drop(n) for i, n in file_nodes.items()}
+    assert saved == {i: drop({**n, **layout_here[i]}) for i, n in file_nodes.items()}
     assert r["serialized"]["links"] == wf["links"]
+
+
+def frontend_version(result: dict) -> tuple[int, int]:
+    return tuple(int(x) for x in re.findall(r"\d+", result.get("_version") or result.get("frontend") or "0")[:2])
 
 
 @pytest.fixture(scope="module")
@@ -493,8 +547,7 @@ def frontend_038_video(server, tmp_path_factory) -> dict:
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
-    version = tuple(int(x) for x in re.findall(r"\d+", result["frontend"] or "0")[:2])
-    if version < (1, 58):  # the server's own frontend (0.3.64: 1.27) draws no dynamic combo
+    if frontend_version(result) < (1, 58):  # the server's own frontend (0.3.64: 1.27) draws no dynamic combo
         pytest.skip(f"frontend {result['frontend']} is older than 0.38's (1.58): set SKIPDIT_FRONTEND_ROOT to 1.58.1's static/")
     return {Path(r["file"]).stem: r for r in result["results"]}
 
@@ -534,3 +587,19 @@ def test_a_file_saved_before_a_node_gained_optional_widgets_converts_with_their_
     sampler["widgets_values"] = sampler["widgets_values"][:3]
     with pytest.raises(WorkflowError, match=r"3 widget values, none for the required widget 'name'"):
         ui_to_api(wf, SCHEMAS)
+
+
+def test_a_file_saved_by_a_newer_version_converts_as_the_frontend_reads_it():
+    """A file written for 0.33 (CreateVideo: fps, bit_depth) on a server whose CreateVideo has only fps: the
+    frontend fills fps and drops the value of the widget this server lacks, and so does the converter. Without
+    the file naming that widget, the extra value is still an error."""
+    older = {"CreateVideo": {"input": {"required": {"images": ["IMAGE", {}], "fps": ["FLOAT", {"default": 30.0}]}},
+                             "output": ["VIDEO"], "output_name": ["VIDEO"], "display_name": "Create Video"}}
+    wf = build_workflow([Node(1, "Images", (0, 0)), Node(2, "CreateVideo", (300, 0), {"fps": 8.0}, {"images": (1, 0)})],
+                        IMAGES | V033_CORE)
+    create = next(n for n in wf["nodes"] if n["id"] == 2)
+    assert create["widgets_values"] == [8.0, 8]
+    assert ui_to_api(wf, IMAGES | older)["2"]["inputs"] == {"images": ["1", 0], "fps": 8.0}
+    create["inputs"] = [i for i in create["inputs"] if i["name"] != "bit_depth"]
+    with pytest.raises(WorkflowError, match=r"node 2 \(CreateVideo\): 2 widget values for 1 widgets \['fps'\]"):
+        ui_to_api(wf, IMAGES | older)

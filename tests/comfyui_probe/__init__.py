@@ -8,6 +8,9 @@ The answer, after a full garbage collection:
 - `skip_cache_tensors`: tensors reachable from those objects (count and bytes).
 - `tensors` / `tensor_bytes`: every torch tensor the garbage collector tracks (models, ComfyUI's output
   cache, ...), to see that nothing accumulates run after run.
+- `output_cache_tensor_bytes`: the part of those reachable from ComfyUI's own output caches (the objects of
+  `comfy_execution.caching`). ComfyUI 0.33's default "RAM pressure" cache keeps every earlier prompt's outputs
+  until memory runs short, by design; the soak tells that growth from the pack's.
 - `rss_bytes` / `peak_rss_bytes`: the server process's resident memory now and at its peak (VmRSS and
   VmHWM of /proc/self/status). With `?reset_peak=1` the peak is reset after reading (Linux's
   /proc/self/clear_refs "5"), so the next answer gives the peak since this one: one run's peak.
@@ -58,8 +61,11 @@ async def memory(request):
     per_run: dict[str, int] = {}
     held, seen = [], set()
     tensors, tensor_bytes = 0, 0
+    output_cache, cache_seen = [], set()
     for obj in gc.get_objects():
         name = type(obj).__name__
+        if type(obj).__module__ == "comfy_execution.caching" and not isinstance(obj, type):
+            output_cache += _tensors_in(obj, cache_seen)
         if name in PER_RUN_CLASSES and type(obj).__module__.split(".")[-1] in ("cache_state", "skip_cache"):
             per_run[name] = per_run.get(name, 0) + 1
             held += _tensors_in(obj, seen)
@@ -72,6 +78,7 @@ async def memory(request):
         "skip_cache_tensor_bytes": sum(t.numel() * t.element_size() for t in held),
         "tensors": tensors,
         "tensor_bytes": tensor_bytes,
+        "output_cache_tensor_bytes": sum(t.numel() * t.element_size() for t in output_cache),
         "rss_bytes": _status_bytes("VmRSS"),
         "peak_rss_bytes": _status_bytes("VmHWM"),
         "python": sys.version.split()[0],

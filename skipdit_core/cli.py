@@ -65,7 +65,7 @@ def cmd_new(args) -> int:
 
 # ----------------------------------------------------------------------------- sample / bench
 
-VAE_SCALE = {"dit": 0.18215, "latte": 0.18215, "latte_t2v": 0.18215, "hunyuan": 0.13025}
+VAE_SCALE = {"dit": 0.18215, "latte": 0.18215, "latte_t2v": 0.18215, "hunyuan": 0.13025}  # Wan: per channel, its VAE's
 
 
 def _cache_config(args, family, interval):
@@ -95,8 +95,17 @@ def _request(args, model, family):
     c = model.config
     size = args.size or getattr(c, "input_size", None) or getattr(c, "sample_size", 32)
     frames = args.frames or getattr(c, "num_frames", None) or getattr(c, "video_length", 16)
-    return Request(family, label=args.label, text=text, frames=frames, size=size, sampler=args.sampler,
-                   steps=args.steps, guidance=args.guidance, seed=args.seed)
+    return Request(family, label=args.label, text=text, frames=frames, size=size, sampler=_sampler(args, family),
+                   steps=args.steps, guidance=args.guidance, seed=args.seed, shift=args.shift)
+
+
+def _sampler(args, family: str) -> str:
+    """--sampler, else Euler for Wan's flow matching, else the command's DDPM-family default (analyze: ddim)."""
+    from .diffusion import DEFAULT_SAMPLERS
+
+    if args.sampler:
+        return args.sampler
+    return DEFAULT_SAMPLERS.get(family) or getattr(args, "ddpm_family_sampler", "ddpm")
 
 
 def _device(requested: Optional[str]) -> str:
@@ -110,13 +119,30 @@ def _load(args):
     return load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=_device(args.device))
 
 
-def _load_vae(args, device):
-    """A local diffusers AutoencoderKL (--vae), loaded once per command, or None."""
+def _load_vae(args, device, family: str):
+    """A local diffusers VAE (--vae), loaded once per command, or None: AutoencoderKL, for Wan AutoencoderKLWan."""
     if not args.vae:
         return None
+    if family == "wan":
+        from diffusers import AutoencoderKLWan
+
+        return AutoencoderKLWan.from_pretrained(args.vae, local_files_only=True).to(device)
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(device)
+
+
+def _decode_wan(vae, sample: torch.Tensor) -> torch.Tensor:
+    """The first sample's latents (C, F, H, W) through Wan's causal video VAE -> frames (F', 3, H', W') in [-1, 1].
+    Wan's latents are normalised per channel (z - mean) / std with the VAE config's latents_mean / latents_std,
+    as diffusers' WanPipeline undoes them before decoding."""
+    z = sample[:1].to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+    if mean.shape[1] != z.shape[1]:
+        raise ValueError(f"the VAE's latents have {mean.shape[1]} channels, the model's {z.shape[1]}: "
+                         "Wan 2.1 models take the Wan 2.1 VAE (16), Wan 2.2 TI2V 5B the Wan 2.2 VAE (48)")
+    return vae.decode(z * std + mean).sample[0].transpose(0, 1).float()
 
 
 def _pixels(vae, family, model, sample):
@@ -124,6 +150,9 @@ def _pixels(vae, family, model, sample):
     from .pipeline import is_pixel_space, to_frames
 
     frames = to_frames(family, sample)
+    if vae is not None and family == "wan":
+        with torch.no_grad():
+            return _decode_wan(vae, sample)
     if vae is not None:
         with torch.no_grad():
             return torch.cat([vae.decode(f[None] / VAE_SCALE[family]).sample for f in frames]).float()
@@ -167,7 +196,7 @@ def cmd_sample(args) -> int:
     result = generate(model, req, cache, progress=_Progress("sampling") if procs.main else None, cfg_parallel=cfg_parallel)
     if not procs.main:  # every process holds the same sample; the main one writes it
         return 0
-    pixels = _pixels(_load_vae(args, result.sample.device), ckpt.family, model, result.sample)
+    pixels = _pixels(_load_vae(args, result.sample.device, ckpt.family), ckpt.family, model, result.sample)
     out = args.output
     if pixels is None:
         from safetensors.torch import save_file
@@ -199,7 +228,7 @@ def cmd_sample_many(args) -> int:
     req = _request(args, model, ckpt.family)
     labels = _labels(args.labels, model)
     settings = [Setting.of(_cache_config(args, ckpt.family, n) if n > 1 else None) for n in args.cache_intervals]
-    vae = _load_vae(args, device)
+    vae = _load_vae(args, device, ckpt.family)
 
     def to_array(sample):
         pixels = _pixels(vae, ckpt.family, model, sample)
@@ -286,7 +315,7 @@ def cmd_bench(args) -> int:
     req = _request(args, model, ckpt.family)
     caches = [None] + [_cache_config(args, ckpt.family, n) for n in args.intervals]
     base, *cached = timed_runs(model, req, caches, args.repeats)
-    vae = _load_vae(args, base.sample.device)
+    vae = _load_vae(args, base.sample.device, ckpt.family)
     ref = _pixels(vae, ckpt.family, model, base.sample)
     pixels = ref is not None
     # pixels are compared as written (clamped to [-1, 1]); latents over the reference's own range
@@ -331,14 +360,19 @@ def request_args(sp) -> None:
     """The checkpoint and what to generate with it (sample, bench, analyze)."""
     sp.add_argument("checkpoint")
     sp.add_argument("--label", type=int, help="class label (class-conditional models)")
-    sp.add_argument("--text-embeddings", help=".safetensors with prompt_embeds (T5 for Latte T2V; CLIP + prompt_embeds_2 T5 for Hunyuan-DiT)")
+    sp.add_argument("--text-embeddings", help=".safetensors with prompt_embeds (T5 for Latte T2V; CLIP + prompt_embeds_2 T5 for "
+                    "Hunyuan-DiT; umT5 for Wan)")
     sp.add_argument("--frames", type=int, help="video frames (default: the model's)")
     sp.add_argument("--size", type=int, help="latent height = width (default: the model's)")
-    sp.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    sp.add_argument("--steps", type=int, help="default: DDPM 250 (Hunyuan-DiT 100), DDIM 50")
+    sp.add_argument("--sampler", choices=["ddpm", "ddim", "euler"],
+                    help="default: ddpm (analyze: ddim); Wan: euler, its only one (flow matching)")
+    sp.add_argument("--steps", type=int, help="default: DDPM 250 (Hunyuan-DiT 100), DDIM 50, Euler 50")
+    sp.add_argument("--shift", type=float,
+                    help="Wan's flow shift: sigma = shift s / (1 + (shift - 1) s); default 5 (Wan's own; ComfyUI's templates: "
+                         "8 for 2.1 T2V 1.3B and 2.2 TI2V 5B)")
     sp.add_argument("--guidance", type=float, help="classifier-free guidance scale (> 1 enables it)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--vae", help="a local diffusers AutoencoderKL folder, to decode latent models")
+    sp.add_argument("--vae", help="a local diffusers AutoencoderKL folder (Wan: AutoencoderKLWan), to decode latent models")
     sp.add_argument("--device", help="default: cuda if available, else cpu")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp32")
 
@@ -381,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def detection_args(sp):
-        sp.add_argument("--family", choices=["dit", "latte", "latte_t2v", "hunyuan"], help="skip family detection")
+        sp.add_argument("--family", choices=list(models.FAMILIES), help="skip family detection")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a detected config field (repeatable)")
 
     info = sub.add_parser("info", help="what the loader detects in a checkpoint")
@@ -446,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="feature dynamics heatmap (paper Figure 4) and suggested Skip-Cache settings")
     request_args(analyze)
-    analyze.set_defaults(sampler="ddim", func=cmd_analyze)
+    analyze.set_defaults(ddpm_family_sampler="ddim", func=cmd_analyze)
     analyze.add_argument("--twin", help="a vanilla twin checkpoint (no long skips) to draw beside it")
     analyze.add_argument("--threshold", type=float, default=0.99,
                          help="cosine similarity the reused deep feature must keep to the previous step inside the window (default 0.99)")

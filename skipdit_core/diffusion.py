@@ -18,6 +18,9 @@ what diffusers' DDPMScheduler / DDIMScheduler use. The families differ in their 
 | latte_t2v | diffusers, linear betas (float32), eps  | 250 "leading", fixed_small    | 50 "leading", offset 0         |
 | hunyuan   | diffusers, scaled_linear (float32), v   | 100 "leading", offset 1       | 50 "leading", offset 1         |
 
+Wan (`wan`) is flow matching (velocity), sampled by Euler over a shifted schedule: `skipdit_core.flow`,
+which `make_sampler("wan", "euler")` returns (timesteps sigma * 1000, so 0..1000 like the others).
+
 `spacing="ddim"` gives improved-diffusion's "ddimN" stride (0, 20, ..., 980 for 50) instead.
 Classifier-free guidance, with both halves in one batch, is `guided()`; its per-family channel
 conventions are `CFG_CONVENTIONS`.
@@ -278,11 +281,21 @@ HUNYUAN_BETA_END = {"1.0": 0.03, "1.1": 0.03, "1.2": 0.02}
 DEFAULT_STEPS = {("dit", "ddpm"): 250, ("latte", "ddpm"): 250, ("latte_t2v", "ddpm"): 250, ("hunyuan", "ddpm"): 100}
 
 
-def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *, eta: float = 0.0,
+DEFAULT_SAMPLERS = {"wan": "euler"}  # every other family: "ddpm"
+
+
+def default_sampler(family: str) -> str:
+    """The sampler a family runs when none is named."""
+    return DEFAULT_SAMPLERS.get(family, "ddpm")
+
+
+def make_sampler(family: str, name: Optional[str] = None, steps: Optional[int] = None, *, eta: float = 0.0,
                  spacing: Optional[str] = None, steps_offset: Optional[int] = None, version: str = "1.2",
                  beta_end: Optional[float] = None, set_alpha_to_one: bool = True,
-                 clip_denoised: bool = False, prediction: Optional[str] = None) -> Sampler:
-    """The sampler of `family` ('dit', 'latte', 'latte_t2v', 'hunyuan') named 'ddpm' or 'ddim'.
+                 clip_denoised: bool = False, prediction: Optional[str] = None,
+                 shift: Optional[float] = None) -> Sampler:
+    """The sampler of `family` ('dit', 'latte', 'latte_t2v', 'hunyuan') named 'ddpm' or 'ddim' (None: 'ddpm'),
+    or of 'wan': 'euler' (flow matching, `skipdit_core.flow`; steps default 50, `shift` default 5).
 
     steps: default 250 for DDPM (Hunyuan-DiT 100), 50 for DDIM. eta: DDIM only.
     dit / latte (improved-diffusion): spacing None = `space_timesteps(1000, str(steps))`, the
@@ -294,6 +307,15 @@ def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *
         alphas_cumprod[0]. hunyuan: beta_end, or version "1.0"/"1.1" (0.03) or "1.2" (0.02).
     prediction: "eps" or "v" in place of the family's (a model config's `prediction`).
     """
+    name = name or default_sampler(family)
+    if family == "wan":
+        from .flow import make_flow_sampler
+
+        if prediction not in (None, "flow"):
+            raise ValueError(f"Wan predicts the flow velocity; prediction {prediction!r} does not apply")
+        return make_flow_sampler(name, steps, shift, clip_denoised)
+    if shift is not None:
+        raise ValueError(f"a flow shift applies to Wan's flow-matching sampler, not to {family}'s {name}")
     if name not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {name!r}")
     steps = int(steps) if steps is not None else DEFAULT_STEPS.get((family, name), 50)
@@ -316,7 +338,7 @@ def make_sampler(family: str, name: str = "ddpm", steps: Optional[int] = None, *
         final = 1.0 if (set_alpha_to_one or name == "ddpm") else float(schedule.alphas_cumprod[0])
         channel_dim = 1
     else:
-        raise ValueError(f"unknown family {family!r}: expected 'dit', 'latte', 'latte_t2v' or 'hunyuan'")
+        raise ValueError(f"unknown family {family!r}: expected 'dit', 'latte', 'latte_t2v', 'hunyuan' or 'wan'")
     if prediction is not None:
         schedule = Schedule(schedule.alphas_cumprod, prediction, schedule.learned_range)
     kwargs = dict(channel_dim=channel_dim, clip_denoised=clip_denoised, final_alpha_cumprod=final)
@@ -353,6 +375,8 @@ CFG_CONVENTIONS = {
     "latte_t2v": CFGConvention(cond_first=False, channel_dim=1, guided_channels=None, drop_variance="after"),
     # Hunyuan-DiT pipeline: prompts [negative, prompt]; variance dropped, then guided.
     "hunyuan": CFGConvention(cond_first=False, channel_dim=1, guided_channels=None, drop_variance="before"),
+    # Wan: uncond + s * (cond - uncond) on the velocity, no variance channels; the pair's order is ours.
+    "wan": CFGConvention(cond_first=False, channel_dim=1, guided_channels=None, drop_variance=None),
 }
 
 
@@ -403,6 +427,6 @@ def guided(denoise_batch: Denoise, guidance_scale: Optional[float],
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "Schedule", "linear_betas", "scaled_linear_betas", "space_timesteps",
-    "diffusers_timesteps", "Sampler", "DDPMSampler", "DDIMSampler", "make_sampler", "HUNYUAN_BETA_END",
+    "diffusers_timesteps", "Sampler", "DDPMSampler", "DDIMSampler", "make_sampler", "default_sampler", "HUNYUAN_BETA_END",
     "CFGConvention", "CFG_CONVENTIONS", "guided",
 ]

@@ -3,7 +3,8 @@
 `load_model(path)` reads a `.safetensors` file or a PyTorch checkpoint (`.pt/.pth/.bin/.ckpt`,
 through `torch.load(weights_only=True)` only: a pickle that needs code execution is refused),
 unwraps training containers (`ema` first, then `model`, `module`, `state_dict`) and `module.`
-prefixes, maps the diffusers Hunyuan-DiT layout onto the Tencent one, detects the family and
+prefixes, maps the diffusers Hunyuan-DiT layout onto the Tencent one and the diffusers / ComfyUI-prefixed
+Wan layouts onto Wan-AI's (refusing Wan variants with image, video or audio inputs), detects the family and
 its config from the keys and shapes, sets aside the family's named optional keys (e.g. Latte
 T2V's `caption_projection.y_embedding`; `models.Family.optional_keys`) and loads the rest strictly.
 
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from . import models
-from .models import hunyuan
+from .models import hunyuan, wan
 
 CONTAINER_KEYS = ("ema", "model", "module", "state_dict")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -229,14 +230,12 @@ def inspect_checkpoint(
     """Read a checkpoint and detect its family and config (without building the model)."""
     path = resolve_checkpoint_path(path)
     sd, metadata, container = read_state_dict(path)
-    layout = "original"
-    if hunyuan.is_diffusers_layout(sd):
-        sd, layout = hunyuan.from_diffusers_state_dict(sd), "diffusers"
+    sd, layout = _original_layout(sd, path)
     family = family or metadata.get(META_FAMILY) or models.identify_family(sd)
     if family is None:
         sample = ", ".join(sorted(sd)[:MAX_LISTED])
         raise CheckpointError(
-            path, f"not a Skip-DiT-capable model: no DiT, Latte, Latte T2V or Hunyuan-DiT keys found (first keys: {sample})"
+            path, f"not a Skip-DiT-capable model: no DiT, Latte, Latte T2V, Hunyuan-DiT or Wan keys found (first keys: {sample})"
         )
     if family not in models.FAMILIES:
         raise CheckpointError(path, f"unknown family {family!r}; known: {', '.join(models.FAMILIES)}")
@@ -252,6 +251,18 @@ def inspect_checkpoint(
         raise CheckpointError(path, f"cannot derive a {family} config: {e}") from None
     sd, set_aside = _set_aside_optional(sd, family, config, path)
     return Checkpoint(path, sd, family, config, container, layout, set_aside)
+
+
+def _original_layout(sd: dict, path: str) -> tuple[dict, str]:
+    """The state dict in the layout our models name (diffusers' and ComfyUI's mapped) and that layout's name."""
+    if hunyuan.is_diffusers_layout(sd):
+        return hunyuan.from_diffusers_state_dict(sd), "diffusers"
+    if wan.is_wan(sd):
+        try:
+            return wan.to_original_layout(sd)
+        except wan.UnsupportedWan as e:
+            raise CheckpointError(path, str(e)) from None
+    return sd, "original"
 
 
 def _set_aside_optional(sd: dict, family: str, config, path: str) -> tuple[dict, dict]:

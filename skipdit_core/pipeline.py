@@ -9,6 +9,10 @@ statistics. Conditioning per family:
 | latte     | (B, F, C, H, W)   | class label (UCF101) or none (FFS/Sky/...) | the null label                |
 | latte_t2v | (B, C, F, H, W)   | T5 states `prompt_embeds` (1, L, 4096)     | `negative_prompt_embeds`      |
 | hunyuan   | (B, C, H, W)      | `prompt_embeds` (CLIP), `prompt_embeds_2` (T5), masks | `negative_*` of the same |
+| wan       | (B, C, F, H, W)   | umT5 states `prompt_embeds` (1, L, 4096)   | `negative_prompt_embeds`      |
+
+Wan's states are zeroed where a `prompt_attention_mask` says padding (Wan trims them to the prompt's tokens and
+pads with zeros; ComfyUI zeroes the masked ones) and zero-padded to the model's text_len (512) by the model.
 
 Text conditioning comes as a `.safetensors` file with diffusers' pipeline names (`prompt_embeds`,
 `prompt_attention_mask`, `prompt_embeds_2`, `prompt_attention_mask_2`, and `negative_` versions).
@@ -35,11 +39,12 @@ class Request:
     frames: int = 16
     size: int = 32
     batch: int = 1
-    sampler: str = "ddpm"
+    sampler: Optional[str] = None  # None: the family's (DDPM; Euler for Wan's flow matching)
     steps: Optional[int] = None
     guidance: Optional[float] = None
     seed: int = 0
     clip_denoised: Optional[bool] = None  # clamp the x0 prediction to [-1, 1]; None: for pixel-space models
+    shift: Optional[float] = None  # Wan's flow shift (None: 5, Wan's own); other families take none
 
 
 def is_pixel_space(model) -> bool:
@@ -59,7 +64,7 @@ def sample_shape(model, req: Request) -> tuple:
     c = model.config
     if req.family == "latte":
         return (req.batch, req.frames, c.in_channels, req.size, req.size)
-    if req.family == "latte_t2v":
+    if req.family in ("latte_t2v", "wan"):
         return (req.batch, c.in_channels, req.frames, req.size, req.size)
     return (req.batch, c.in_channels, req.size, req.size)
 
@@ -96,6 +101,15 @@ def conditioning(model, req: Request, unconditional: bool) -> dict:
         if unconditional:
             states, mask = _text(req, "prompt_embeds", True, states), _text(req, "prompt_attention_mask", True, mask)
         return {"encoder_hidden_states": rep(states), "encoder_attention_mask": rep(mask)}
+    if req.family == "wan":
+        states = _text(req, "prompt_embeds", False)
+        mask = req.text.get("prompt_attention_mask")
+        if unconditional:
+            states = _text(req, "prompt_embeds", True, states)
+            mask = req.text.get("negative_prompt_attention_mask")
+        if mask is not None:  # padding tokens are zero states for Wan (trimmed, then zero-padded)
+            states = states * mask[..., None].to(states.dtype)
+        return {"encoder_hidden_states": rep(states)}
     clip, t5 = _text(req, "prompt_embeds", False), _text(req, "prompt_embeds_2", False)
     clip_mask = req.text.get("prompt_attention_mask", torch.ones(clip.shape[:2], dtype=torch.long))
     t5_mask = req.text.get("prompt_attention_mask_2", torch.ones(t5.shape[:2], dtype=torch.long))
@@ -130,7 +144,7 @@ def generate(
     # amplifies the eps error ~60x) on the data range, as improved-diffusion does for pixel models.
     clip = req.clip_denoised if req.clip_denoised is not None else is_pixel_space(model)
     sampler = make_sampler(req.family, req.sampler, req.steps, clip_denoised=clip,
-                           prediction=getattr(model.config, "prediction", None))
+                           prediction=getattr(model.config, "prediction", None), shift=req.shift)
     cond = _to(conditioning(model, req, unconditional=False), device, dtype)
     use_cfg = req.guidance is not None and req.guidance > 1 and bool(cond)
     if use_cfg:
@@ -170,6 +184,6 @@ def to_frames(family: str, sample: torch.Tensor) -> torch.Tensor:
     """One sample's pixels as (F, C, H, W) frames (F = 1 for images)."""
     if family == "latte":
         return sample[0]
-    if family == "latte_t2v":
+    if family in ("latte_t2v", "wan"):
         return sample[0].transpose(0, 1)
     return sample[:1]

@@ -173,6 +173,8 @@ AUTHORS_SETTINGS = {
     "latte": SkipCacheConfig(start=900, end=50, depth=1),
     "dit": SkipCacheConfig(start=1000, end=20, depth=4),
     "hunyuan": SkipCacheConfig(start=700, end=50, depth=1),
+    # No Skip-Wan was released: the paper's text-to-video window (Latte T2V, Hunyuan-DiT), on sigma * 1000.
+    "wan": SkipCacheConfig(start=700, end=50, depth=1),
 }
 
 

@@ -79,6 +79,9 @@ TEXT_FAMILIES: dict[str, tuple[Slot, ...]] = {
 
 
 def text_slots(family: str) -> tuple[Slot, ...]:
+    if family == "wan":  # umT5 (UMT5EncoderModel) is not among the encoders this module loads
+        raise TextEncodingError("encode-text does not run Wan's umT5-XXL encoder: give `skipdit sample` a file of "
+                                "prompt_embeds (1, L, 4096), e.g. from diffusers' WanPipeline.encode_prompt")
     if family not in TEXT_FAMILIES:
         raise TextEncodingError(f"family {family!r} has no text conditioning; text families: "
                                 + ", ".join(f"{f} ({' + '.join(s.name for s in slots)})" for f, slots in TEXT_FAMILIES.items()))

@@ -1,4 +1,4 @@
-"""The four Skip-DiT-capable families and how to tell them apart by their keys.
+"""The five Skip-DiT-capable families and how to tell them apart by their keys.
 
 | family     | class     | checkpoints                                                    |
 |------------|-----------|----------------------------------------------------------------|
@@ -6,6 +6,8 @@
 | latte      | Latte     | ffs / sky / taichi / ucf101 (+ `-skip`) class & uncond. video  |
 | latte_t2v  | LatteT2V  | Latte-1 (diffusers layout), Latte-skip.pt                      |
 | hunyuan    | HunyuanDiT| Hunyuan-DiT v1.0-v1.2 (Tencent layout; diffusers layout mapped)|
+| wan        | WanModel  | Wan 2.1 T2V 1.3B / 14B, Wan 2.2 TI2V 5B (Wan-AI layout, also under |
+|            |           | ComfyUI's `model.diffusion_model.`; diffusers layout mapped)   |
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from . import dit, hunyuan, latte, latte_t2v
+from . import dit, hunyuan, latte, latte_t2v, wan
 from .dit import DiT, DiTConfig
 from .hunyuan import HunyuanDiT, HunyuanDiTConfig
 from .latte import Latte, LatteConfig
 from .latte_t2v import LatteT2V, LatteT2VConfig
 from .ustack import StackCut, UStack
+from .wan import WanConfig, WanModel
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,12 @@ FAMILIES: dict[str, Family] = {
         "hunyuan", HunyuanDiT, HunyuanDiTConfig, hunyuan.HUNYUAN_PRESETS, hunyuan.config_from_state_dict,
         "Hunyuan-DiT text-to-image",
     ),
+    "wan": Family("wan", WanModel, WanConfig, wan.WAN_PRESETS, wan.config_from_state_dict, "Wan 2.1 / 2.2 text-to-video"),
 }
 
 # Keys whose presence identifies a family, most specific first.
 _SIGNATURES = [
+    ("wan", ("head.modulation", "patch_embedding.weight")),
     ("hunyuan", ("mlp_t5.0.weight",)),
     ("latte_t2v", ("temporal_transformer_blocks.0.attn1.to_q.weight",)),
     ("latte", ("blocks.0.attn.qkv.weight", "temp_embed")),
@@ -113,4 +118,5 @@ def build_model(family: str, config) -> nn.Module:
 __all__ = [
     "FAMILIES", "Family", "HEAD_FIELDS", "identify_family", "config_from_weights", "make_config", "build_model", "StackCut", "UStack",
     "DiT", "DiTConfig", "Latte", "LatteConfig", "LatteT2V", "LatteT2VConfig", "HunyuanDiT", "HunyuanDiTConfig",
+    "WanModel", "WanConfig",
 ]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import attend, gather_tokens, shard_tokens
-from .layers import FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, fp32_layer_norm, modulate, timestep_embedding, unpatchify
+from .layers import FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, fp32_layer_norm, modulate, rename_prefix, timestep_embedding, unpatchify
 from .ustack import StackCut, UStack, fuse_skip
 
 
@@ -521,13 +521,6 @@ _FUSED = {
 }
 
 
-def _rename(name: str, table: list[tuple[str, str]]) -> Optional[str]:
-    for old, new in table:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return None
-
-
 def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a diffusers `HunyuanDiT2DModel` state dict to Tencent's layout (this model's)."""
     out: dict[str, torch.Tensor] = {}
@@ -535,7 +528,7 @@ def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for key, value in sd.items():
         m = re.match(r"(blocks\.\d+\.)(.*)", key)
         if m is None:
-            new = _rename(key, _TOP_RENAMES)
+            new = rename_prefix(key, _TOP_RENAMES)
             if new is None:
                 raise KeyError(f"unexpected key in a diffusers Hunyuan-DiT state dict: {key}")
             if key.startswith("norm_out.linear."):  # (scale, shift) -> (shift, scale)
@@ -549,7 +542,7 @@ def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             old, (new_name, index, count) = fused
             parts.setdefault(prefix + new_name + rest[len(old):], [None] * count)[index] = value
             continue
-        new = _rename(rest, _BLOCK_RENAMES)
+        new = rename_prefix(rest, _BLOCK_RENAMES)
         if new is None:
             raise KeyError(f"unexpected key in a diffusers Hunyuan-DiT state dict: {key}")
         out[prefix + new] = value

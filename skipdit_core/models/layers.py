@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,3 +213,12 @@ def init_dit_weights(model: nn.Module) -> None:
         if isinstance(m, FinalLayer):
             nn.init.zeros_(m.linear.weight)
             nn.init.zeros_(m.linear.bias)
+
+
+def rename_prefix(name: str, table: list[tuple[str, str]]) -> Optional[str]:
+    """`name` with the first matching (old prefix, new prefix) of `table` swapped, or None if none matches: the
+    key mappings between checkpoint layouts."""
+    for old, new in table:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None

@@ -33,11 +33,14 @@ TINY_MODEL = {
     "latte": dict(depth=4, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=3, num_frames=4),
     "latte_t2v": dict(num_layers=2, num_heads=2, head_dim=16, patch_size=2, sample_size=8, in_channels=3,
                       out_channels=6, caption_channels=32, video_length=4),
+    "wan": dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2, in_channels=3, out_channels=3, text_dim=16,
+                freq_dim=32, text_len=4),
 }
 TINY_DATA = {
     "dit": dict(type="moving_shapes", num_frames=1, size=8, num_classes=4, length=64),
     "latte": dict(type="moving_shapes", num_frames=4, size=8, num_classes=4, length=64),
     "latte_t2v": dict(type="moving_shapes", num_frames=4, size=8, num_classes=4, length=64, text_len=6, text_dim=32),
+    "wan": dict(type="moving_shapes", num_frames=2, size=8, num_classes=4, length=64, text_len=4, text_dim=16),
 }
 
 
@@ -55,7 +58,10 @@ def tiny(raw: dict, out_dir, **train) -> dict:
     raw = json.loads(json.dumps(raw))
     family = raw["model"]["family"]
     recipe_model = raw["model"].get("config") or {}
-    config = dict(TINY_MODEL[family], skip=bool(recipe_model.get("skip", False)))
+    if family == "wan":  # long skips: num_skips (the tiny model's 2 blocks hold one)
+        config = dict(TINY_MODEL[family], num_skips=1 if recipe_model.get("num_skips") else 0)
+    else:
+        config = dict(TINY_MODEL[family], skip=bool(recipe_model.get("skip", False)))
     if family in ("dit", "latte"):
         config["num_classes"] = 4 if recipe_model.get("num_classes", 4) else 0
     if "prediction" in recipe_model:
@@ -113,7 +119,8 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["samples_per_s"] > 0 for r in rows)
     model, ckpt = load_model(os.path.join(result["checkpoint"], "ema.safetensors"))
     assert ckpt.family == family
-    assert bool(getattr(model, "skip_norms", None)) == bool(raw["model"].get("config", {}).get("skip"))
+    recipe_model = raw["model"].get("config", {})
+    assert bool(getattr(model, "skip_norms", None)) == bool(recipe_model.get("skip") or recipe_model.get("num_skips"))
     assert getattr(model.config, "prediction", "eps") == raw["model"].get("config", {}).get("prediction", "eps")
 
 

@@ -2,7 +2,7 @@
 
 ```yaml
 model:                 # what is trained
-  family: latte        # dit | latte | latte_t2v
+  family: latte        # dit | latte | latte_t2v | wan (wan: rectified flow, training/objective.py)
   preset: Latte-tiny   # a preset of the family (optional)
   config: {skip: true} # config field overrides (after the preset / the pretrained config)
   init_from: null      # a pretrained checkpoint; a vanilla one becomes Skip-DiT with new skip branches
@@ -20,6 +20,8 @@ from typing import Optional
 import yaml
 
 from skipdit_core.loading import DTYPES
+
+from .objective import FLOW_FAMILIES  # trained with rectified flow (FlowObjective)
 
 
 @dataclass
@@ -50,12 +52,15 @@ class TrainSection:
     save_every: int = 500
     keep_checkpoints: int = 2  # the newest N step folders are kept
     save_dtype: Optional[str] = None  # dtype of the exported .safetensors (fp16 / bf16 / fp32); null: fp32
+    flow_shift: Optional[float] = None  # wan: the shift of the training sigma draw; null: 5 (WAN_SHIFT, the sampler's)
+    text_dropout: float = 0.0  # text families: chance that a sample's text states are zeroed (the empty prompt of
+    #                            guidance's unconditional half), as class_dropout_prob does for class labels
 
 
 @dataclass
 class SampleSection:
     every: int = 0  # optimizer steps between sample videos from the EMA model; 0 = never
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # wan: euler (its only sampler)
     steps: int = 50
     guidance: Optional[float] = None
     labels: list = field(default_factory=lambda: [0])
@@ -76,6 +81,8 @@ class TrainConfig:
 
 
 SECTIONS = {"model": ModelSection, "train": TrainSection, "sample": SampleSection}
+FAMILIES = ("dit", "latte", "latte_t2v", "wan")  # the families training/ trains
+TEXT_FAMILIES = ("latte_t2v", "wan")
 TRAINABLE = ("all", "skip_branches")
 
 
@@ -117,8 +124,20 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
         train=_section("train", TrainSection, raw.get("train"), source),
         sample=_section("sample", SampleSection, raw.get("sample"), source),
     )
-    if cfg.model.family not in ("dit", "latte", "latte_t2v"):
-        raise ConfigError(f"{source}: model.family must be dit, latte or latte_t2v, got {cfg.model.family!r}")
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"{source}: model.family must be one of {', '.join(FAMILIES)}, got {cfg.model.family!r}")
+    flow = cfg.model.family in FLOW_FAMILIES
+    if cfg.train.flow_shift is not None and (not flow or not cfg.train.flow_shift > 0):
+        raise ConfigError(f"{source}: train.flow_shift is a positive number for the flow-matching families "
+                          f"({', '.join(FLOW_FAMILIES)}), got {cfg.train.flow_shift!r} for {cfg.model.family}")
+    if not 0.0 <= cfg.train.text_dropout < 1.0:
+        raise ConfigError(f"{source}: train.text_dropout must be in [0, 1), got {cfg.train.text_dropout!r}")
+    if cfg.train.text_dropout and cfg.model.family not in TEXT_FAMILIES:
+        raise ConfigError(f"{source}: train.text_dropout applies to text-conditioned families ({', '.join(TEXT_FAMILIES)}); "
+                          f"{cfg.model.family} drops class labels with model.config.class_dropout_prob")
+    if flow and cfg.sample.every and cfg.sample.sampler != "euler":
+        raise ConfigError(f"{source}: a {cfg.model.family} model samples with euler (flow matching), "
+                          f"not sample.sampler {cfg.sample.sampler!r}")
     if cfg.train.trainable not in TRAINABLE:
         raise ConfigError(f"{source}: train.trainable must be one of {', '.join(TRAINABLE)}, got {cfg.train.trainable!r}")
     if "type" not in cfg.data:

@@ -18,7 +18,6 @@ per-epoch randomness have `set_epoch(epoch)`; call it before iterating over an e
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -31,17 +30,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from skipdit_core.demo import SHAPE_CLASSES  # the bundled demo model's labels are these classes
+from skipdit_core.shape_prompts import class_prompt_table, seeded_generator
 from skipdit_core.text_encoding import VIDEO_EXTENSIONS  # the videos `skipdit encode-text --caption-dir` writes sidecars for
 from skipdit_core.text_encoding import sidecar_path as _sidecar_path  # <video>.safetensors, which that command writes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _generator(*parts) -> torch.Generator:
-    """A generator seeded from a tuple of ints and tags. A hash (not Python's per-process `hash`) so that
-    nearby seeds and indices give unrelated streams, identically in every process."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+# A generator seeded from a tuple of ints and tags: sha256 of its repr (not Python's per-process `hash`), so nearby
+# seeds and indices give unrelated streams, identically in every process.
+_generator = seeded_generator
 
 
 def _check_index(i: int, n: int) -> int:
@@ -109,8 +107,9 @@ class MovingShapes(Dataset):
 
     Items: "x" (num_frames, 3, size, size) in [-1, 1], or (3, size, size) when num_frames == 1; "label".
     With text_dim > 0 also "prompt_embeds" (text_len, text_dim) and "prompt_attention_mask" (text_len,) of
-    ones: a stand-in for the T5 states of the caption `caption(label)` ("a circle moving"). It is a fixed,
-    unit-scale random embedding per class (seeded by (seed, class)), so it carries exactly the class.
+    ones: a stand-in for the T5 / umT5 states of the caption `caption(label)` ("a circle moving"). It is a fixed,
+    unit-scale random embedding per class (seeded by (seed, class)), so it carries exactly the class:
+    `skipdit_core.shape_prompts.class_prompt_embeds(label, text_len, text_dim, seed)` regenerates it for sampling.
     """
 
     def __init__(self, num_frames: int = 8, size: int = 32, length: int = 10000, seed: int = 0,
@@ -130,9 +129,7 @@ class MovingShapes(Dataset):
         # One fixed embedding per class, drawn once (not per item): captions are per class.
         self.class_embeds = None
         if text_dim > 0:
-            self.class_embeds = torch.stack([
-                torch.randn(text_len, text_dim, generator=_generator("caption", seed, c)) for c in range(num_classes)
-            ])
+            self.class_embeds = class_prompt_table(num_classes, text_len, text_dim, seed)
 
     def __len__(self) -> int:
         return self.length

@@ -1,4 +1,8 @@
-"""The training objective of DiT / Latte (improved-diffusion's "hybrid" loss), for any sample layout.
+"""The training objectives: DiT / Latte's DDPM (improved-diffusion's "hybrid" loss) and Wan's rectified flow, for
+any sample layout. `make_objective(family, ...)` picks the family's: wan -> FlowObjective, the others ->
+DiffusionObjective. Both give sample_timesteps / q_sample / model_timesteps / losses, so the loop is one.
+
+DDPM (DiffusionObjective):
 
 For x0 and a timestep t drawn uniformly from 0..T-1, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and
 
@@ -10,6 +14,16 @@ frac = (v + 1) / 2: the KL between the true posterior q(x_{t-1} | x_t, x0) and t
 (the model's mean built from a DETACHED eps_pred, so the variance term does not steer the mean), or at
 t = 0 the discretised Gaussian negative log-likelihood of x0 (pixels in [-1, 1], 256 bins). Both are in
 bits per dimension, averaged over every dimension but the batch, as the reference computes them.
+
+Rectified flow (FlowObjective), as Wan trains: for x0, noise eps and sigma in [0, 1],
+
+    x_sigma = (1 - sigma) x0 + sigma eps,   target v = eps - x0,   loss = mean((v - v_pred)^2)
+
+with the model called at timestep sigma * 1000 (`skipdit_core.flow`). sigma is a uniform draw u pushed through the
+same shift as the sampler's schedule, sigma = shift u / (1 + (shift - 1) u): the N-step Euler sampler visits the
+shifted image of a uniform grid, so training sigmas are distributed exactly as the sampler's steps are (each of its
+steps gets an equal share of the training signal), with no second parameter (a logit-normal draw, SD3's choice,
+would add a location and scale and weigh the middle sigmas whatever the sampler does).
 """
 from __future__ import annotations
 
@@ -19,6 +33,10 @@ from typing import Optional
 import torch
 
 from skipdit_core.diffusion import NUM_TRAIN_TIMESTEPS, Schedule, linear_betas
+from skipdit_core.flow import WAN_SHIFT
+
+# Families trained with rectified flow (the rest with the DDPM process).
+FLOW_FAMILIES = ("wan",)
 
 
 def ddpm_schedule(prediction: str = "eps") -> Schedule:
@@ -89,6 +107,10 @@ class DiffusionObjective:
         """(B,) int64 timesteps, uniform over 0..T-1."""
         return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The timesteps the model is called with: t itself, as floats."""
+        return t.float()
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; x0, noise: (B, ...), t: (B,) int64."""
         return _at(self.sqrt_ac, t, x0) * x0 + _at(self.sqrt_one_minus_ac, t, x0) * noise
@@ -129,4 +151,62 @@ class DiffusionObjective:
         return torch.where(t == 0, nll, kl)
 
 
-__all__ = ["DiffusionObjective", "ddpm_schedule", "normal_kl", "discretized_gaussian_log_likelihood", "NUM_TRAIN_TIMESTEPS"]
+class FlowObjective:
+    """Rectified flow (Wan): x_sigma = (1 - sigma) x0 + sigma eps, MSE to the velocity v = eps - x0.
+
+    The "timesteps" of this objective are the sigmas themselves, (B,) float32 in [0, 1]; the model sees
+    sigma * 1000 (`model_timesteps`). shift: the flow shift of the sigma draw (see the module docstring); train
+    with the shift the model will be sampled with (`skipdit_core.flow.WAN_SHIFT`, 5, by default).
+    """
+
+    def __init__(self, shift: float = WAN_SHIFT):
+        if not shift > 0:
+            raise ValueError(f"the flow shift must be positive, got {shift}")
+        self.shift = float(shift)
+
+    def sample_timesteps(self, batch: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B,) float32 sigmas: u ~ U[0, 1), shifted as the sampler's schedule is."""
+        u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
+        return (self.shift * u / (1.0 + (self.shift - 1.0) * u)).float()
+
+    def model_timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """sigma * 1000: the timesteps Wan is trained and sampled at."""
+        return sigma.float() * NUM_TRAIN_TIMESTEPS
+
+    @staticmethod
+    def _b(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return sigma.float().view(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_sigma = (1 - sigma) x0 + sigma noise; x0, noise: (B, ...), sigma: (B,)."""
+        s = self._b(sigma, x0)
+        return ((1.0 - s) * x0.float() + s * noise.float()).to(x0.dtype)
+
+    @staticmethod
+    def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity v = noise - x0 (d x_sigma / d sigma)."""
+        return noise.float() - x0.float()
+
+    def losses(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor,
+               noise: torch.Tensor) -> dict:
+        """{"loss", "mse", "vb"}: (B,) float32 each; loss = mse, the MSE to v ("vb" zeros: no learned variance)."""
+        if model_output.shape != x0.shape:
+            raise ValueError(f"the model output {tuple(model_output.shape)} does not match the data {tuple(x0.shape)}: "
+                             "a flow model predicts the velocity, one value per data value")
+        mse = _mean_flat((self.target(x0, noise) - model_output.float()) ** 2)
+        return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
+
+
+def make_objective(family: str, model_config=None, flow_shift: Optional[float] = None):
+    """The objective a family trains with: wan -> FlowObjective(flow_shift or WAN_SHIFT); the DDPM families ->
+    DiffusionObjective over the linear schedule with the config's `prediction` (Latte's channels on dim 2)."""
+    if family in FLOW_FAMILIES:
+        return FlowObjective(WAN_SHIFT if flow_shift is None else flow_shift)
+    if flow_shift is not None:
+        raise ValueError(f"a flow shift applies to the flow-matching families ({', '.join(FLOW_FAMILIES)}), not {family}")
+    return DiffusionObjective(ddpm_schedule(getattr(model_config, "prediction", "eps")),
+                              channel_dim=2 if family == "latte" else 1)
+
+
+__all__ = ["DiffusionObjective", "FlowObjective", "make_objective", "FLOW_FAMILIES", "ddpm_schedule", "normal_kl",
+           "discretized_gaussian_log_likelihood", "NUM_TRAIN_TIMESTEPS"]

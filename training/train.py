@@ -1,4 +1,4 @@
-"""Train a Skip-DiT (or vanilla) DiT / Latte / Latte T2V with accelerate.
+"""Train a Skip-DiT (or vanilla) DiT / Latte / Latte T2V, or a Wan (rectified flow), with accelerate.
 
     python -m training.train --config training/configs/demo-skip-latte.yaml            # one process
     accelerate launch -m training.train --config ... [--resume] [--set train.max_steps=10]
@@ -10,7 +10,9 @@ A run directory (`train.output_dir`) holds:
     log.jsonl                    one line per log interval: step, loss, mse, vb, lr, samples/s
     checkpoints/step-00000500/   ema.safetensors, model.safetensors (family + config in the metadata:
                                  what `skipdit_core.load_model` and the ComfyUI nodes read), trainer.json,
-                                 resume/ (accelerate state: optimizer, RNG, ...)
+                                 resume/ (accelerate state: optimizer, RNG, ...); with moving shapes as text
+                                 (fixed class embeddings), class-embeds.safetensors and text-<class>.safetensors
+                                 (`skipdit_core.shape_prompts`): the states to sample each class with
     checkpoints/latest           the name of the newest complete step folder
     samples/                     sample videos of the EMA model (sample.every)
 
@@ -35,10 +37,11 @@ import yaml
 
 from skipdit_core import models
 from skipdit_core.loading import DTYPES, inspect_checkpoint, save_safetensors
+from skipdit_core.shape_prompts import save_class_embeds
 
 from .config import TrainConfig, load_config
 from .data import build_dataset
-from .objective import DiffusionObjective, ddpm_schedule
+from .objective import make_objective
 
 SKIP_PREFIXES = ("skip_norms.", "skip_linears.")
 
@@ -131,9 +134,31 @@ def model_inputs(family: str, batch: dict, num_classes: int) -> tuple[torch.Tens
             raise ValueError("the model is class-conditional but the data has no labels (label -1)")
         return x, ({"y": batch["label"]} if num_classes > 0 else {}), 2
     if "prompt_embeds" not in batch:
-        raise ValueError("latte_t2v trains on text: the data must give prompt_embeds (T5 states)")
+        raise ValueError(f"{family} trains on text: the data must give prompt_embeds (text-encoder states)")
+    if family == "wan":  # padding tokens are zero states for Wan (it has no attention mask)
+        states, mask = batch["prompt_embeds"], batch.get("prompt_attention_mask")
+        if mask is not None:
+            states = states * mask[..., None].to(states.dtype)
+        return x.transpose(1, 2), {"encoder_hidden_states": states}, 1  # (B, C, F, H, W)
     cond = {"encoder_hidden_states": batch["prompt_embeds"], "encoder_attention_mask": batch.get("prompt_attention_mask")}
     return x.transpose(1, 2), cond, 1  # (B, C, F, H, W)
+
+
+def drop_text(cond: dict, p: float, generator: torch.Generator) -> dict:
+    """Zero each sample's text states with probability p (the unconditional input of guidance: the pipeline's
+    default negative is all-zero states). Masks stay: zero states with every token real, as that negative."""
+    states = cond["encoder_hidden_states"]
+    keep = torch.rand(states.shape[0], generator=generator, device=generator.device) >= p
+    return {**cond, "encoder_hidden_states": states * keep.to(states.device, states.dtype).view(-1, 1, 1)}
+
+
+def dataset_class_embeds(dataset) -> Optional[dict]:
+    """The fixed per-class text states of a class-as-text dataset (MovingShapes with text_len / text_dim), to be
+    saved with each checkpoint; None for other data."""
+    table = getattr(dataset, "class_embeds", None)
+    if table is None:
+        return None
+    return {"table": table, "seed": dataset.seed, "classes": list(dataset.classes), "video": dataset.num_frames > 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,8 +205,9 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int) -> str:
-    """All processes call this (accelerate gathers sharded state); the main process writes the files."""
+def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int, class_embeds: Optional[dict] = None) -> str:
+    """All processes call this (accelerate gathers sharded state); the main process writes the files.
+    class_embeds ({"table", "seed", "classes", "video"}, `dataset_class_embeds`) are written beside them."""
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     name = f"step-{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
@@ -196,6 +222,9 @@ def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int) -> str
         dtype = DTYPES[cfg.train.save_dtype] if cfg.train.save_dtype else None
         save_safetensors(state, os.path.join(tmp, "model.safetensors"), family, config, dtype)
         save_safetensors(ema.state_dict(), os.path.join(tmp, "ema.safetensors"), family, config, dtype)
+        if class_embeds is not None:  # the fixed "prompts" of a class-as-text dataset, beside the weights
+            save_class_embeds(tmp, class_embeds["table"], class_embeds["seed"], class_embeds["classes"],
+                              class_embeds["video"])
         _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "config": cfg.to_dict()}, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a run that crashed before `latest` moved
         os.replace(tmp, final)
@@ -218,8 +247,9 @@ def resume(accelerator, path: str) -> int:
 # Samples during training
 # ----------------------------------------------------------------------------------------------
 
-def write_samples(ema, cfg: TrainConfig, step: int, example: dict, log) -> None:
-    """Sample videos / images of the EMA model (pixel-space models; latent models save the latents)."""
+def write_samples(ema, cfg: TrainConfig, step: int, example: dict, log, class_embeds: Optional[dict] = None) -> None:
+    """Sample videos / images of the EMA model (pixel-space models; latent models save the latents). Text models
+    of a class-as-text dataset sample each of sample.labels from its class embedding, others the first example's text."""
     from skipdit_core.media import write_png, write_video
     from skipdit_core.pipeline import Request, generate, to_frames
 
@@ -227,15 +257,20 @@ def write_samples(ema, cfg: TrainConfig, step: int, example: dict, log) -> None:
     out_dir = os.path.join(cfg.train.output_dir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     x = example["x"]
-    frames = sc.frames or getattr(mc, "num_frames", None) or getattr(mc, "video_length", 1)
+    frames = (sc.frames or getattr(mc, "num_frames", None) or getattr(mc, "video_length", None)
+              or (x.shape[1] if x.dim() == 5 else 1))  # Wan's config has no frame count: the data's
     size = sc.size or x.shape[-1]
     text = {}
-    if family == "latte_t2v":
+    if family in ("latte_t2v", "wan"):
         text = {"prompt_embeds": example["prompt_embeds"][:1]}
     has_labels = getattr(mc, "num_classes", 0) > 0
-    for label in (sc.labels if has_labels else [None]):
-        req = Request(family, label=label, text=text, frames=frames, size=size, sampler=sc.sampler,
-                      steps=sc.steps, guidance=sc.guidance, seed=cfg.train.seed)
+    class_texts = class_embeds is not None and family in ("latte_t2v", "wan")  # classes given as fixed "prompts"
+    shift = cfg.train.flow_shift if family == "wan" else None  # sampled at the shift it was trained with
+    for label in (sc.labels if has_labels or class_texts else [None]):
+        if class_texts:
+            text = {"prompt_embeds": class_embeds["table"][label][None]}
+        req = Request(family, label=None if class_texts else label, text=text, frames=frames, size=size,
+                      sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance, seed=cfg.train.seed, shift=shift)
         result = generate(ema, req)
         name = os.path.join(out_dir, f"step-{step:08d}" + (f"-class{label}" if label is not None else ""))
         if mc.in_channels not in (1, 3):
@@ -292,8 +327,8 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     ema.to(accelerator.device)
     # The EMA joins accelerate's state in float32 (the exported ema.safetensors may be fp16).
     accelerator.register_for_checkpointing(ema)
-    objective = DiffusionObjective(ddpm_schedule(getattr(ema.config, "prediction", "eps")),
-                                   channel_dim=2 if cfg.model.family == "latte" else 1)
+    objective = make_objective(cfg.model.family, ema.config, tc.flow_shift)
+    class_embeds = dataset_class_embeds(dataset)
 
     step, checkpoint = 0, None
     if resume_run:
@@ -342,10 +377,12 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
                 tc.seed * 1_000_003 + accelerator.process_index * 7919 + micro)
             t = objective.sample_timesteps(x0.shape[0], x0.device, g)
             noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+            if tc.text_dropout:  # drawn after t and noise: the streams of a run without dropout are unchanged
+                cond = drop_text(cond, tc.text_dropout, g)
             micro += 1
             x_t = objective.q_sample(x0, t, noise)
             with accelerator.accumulate(model):  # (prepare() already runs the forward under autocast)
-                terms = objective.losses(model(x_t, t.float(), **cond), x0, x_t, t, noise)
+                terms = objective.losses(model(x_t, objective.model_timesteps(t), **cond), x0, x_t, t, noise)
                 loss = terms["loss"].mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -378,10 +415,10 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
                         f.write(json.dumps(row) + "\n")
                 window = new_window()
             if step % tc.save_every == 0 or step == tc.max_steps:
-                checkpoint = save_checkpoint(accelerator, model, ema, cfg, step)
+                checkpoint = save_checkpoint(accelerator, model, ema, cfg, step, class_embeds)
                 bar.write(f"step {step}: checkpoint {checkpoint}") if accelerator.is_local_main_process else None
             if cfg.sample.every and step % cfg.sample.every == 0 and accelerator.is_main_process:
-                write_samples(ema, cfg, step, example, bar.write)
+                write_samples(ema, cfg, step, example, bar.write, class_embeds)
             if step >= tc.max_steps:
                 break
         else:

@@ -98,8 +98,11 @@ class Trajectories:
             a, b = ref, to_frames("latte", result.sample).clamp(-1, 1)
             rows.append({"psnr": psnr(a, b), "ssim": ssim(a, b), "speedup": min(uncached) / result.seconds,
                          "lpips": self.lpips(a, b) if self.lpips else math.nan})
-        mean = lambda k: sum(min(r[k], 99.0) for r in rows) / len(rows)  # noqa: E731  (identical = 99 dB)
-        return {k: mean(k) for k in ("psnr", "ssim", "speedup", "lpips")}
+        capped = lambda k: [min(r[k], 99.0) for r in rows]  # noqa: E731  (identical = 99 dB)
+        out = {k: sum(capped(k)) / len(rows) for k in ("psnr", "ssim", "speedup", "lpips")}
+        # the spread over trajectories: a mean alone hides a setting that fails on some seeds
+        out.update({f"{k}_{f.__name__}": f(capped(k)) for k in ("psnr", "ssim") for f in (min, max)})
+        return out
 
 
 def skip_cache_method(cache) -> str:
@@ -112,18 +115,18 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
                     empty: bool = False) -> list[dict]:
     rows = []
     for cache in settings(intervals, windows, 1, grid, tuple(forecasts), damping, empty=empty)[1:]:
-        stats = {}
+        fractions = []  # one per run: the mean over trajectories, not the last one's
 
         def run(req, cache=cache):
             result = generate(traj.model, req, cache)
-            stats["compute"] = result.stats.blocks_run / result.stats.blocks_uncached
+            fractions.append(result.stats.blocks_run / result.stats.blocks_uncached)
             return result
 
         window = f"{cache.start:g}->{cache.end:g}"
         rows.append({"method": skip_cache_method(cache), "setting": label(cache),
                      "interval": cache.interval, "window": window, "forecast": cache.forecast, "empty": cache.empty_steps,
                      **traj.compare(run),
-                     "compute": stats["compute"]})
+                     "compute": sum(fractions) / len(fractions)})
     return rows
 
 
@@ -137,16 +140,16 @@ def peer_rows(traj: Trajectories, methods: list[str], suffix: str = "") -> list[
             req = replace(traj.requests[0], seed=CALIBRATION_SEED)
             calibrated = {"mag_ratios": magcache_ratios(traj.model, req), "num_inference_steps": req.steps}
         for params in sweep:
-            stats = {}
+            fractions = []  # content-dependent peers (FBCache, cache-dit) differ per trajectory: their mean
 
             def run(req, method=method, params={**params, **calibrated}):
                 with peer_cache(traj.model, method, **params) as s:
                     result = generate(traj.model, req)
-                stats["compute"] = s.compute_fraction
+                fractions.append(s.compute_fraction)
                 return result
 
             setting = ", ".join(f"{k}={v}" for k, v in params.items())
-            rows.append({"method": label, "setting": setting, **traj.compare(run), "compute": stats["compute"]})
+            rows.append({"method": label, "setting": setting, **traj.compare(run), "compute": sum(fractions) / len(fractions)})
     return rows
 
 

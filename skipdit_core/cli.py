@@ -285,6 +285,13 @@ def _labels(given: Optional[list], model) -> Optional[list[int]]:
 NOISE_MARGIN = 1.0
 
 
+def timing_noise(speedup: float, bound: float, fix: str) -> Optional[str]:
+    """The warning for a measured speedup above its bound (what `fix` to raise), or None."""
+    if speedup <= bound * NOISE_MARGIN:
+        return None
+    return f"measured {speedup:.2f}x is above the bound {bound:.2f}x: timing noise ({fix})"
+
+
 def timed_runs(model, req, caches: list, repeats: int) -> list:
     """One Result per setting in `caches` (None = uncached), its `seconds` the fastest of `repeats`
     runs. A short uncached run first warms up the kernels (and CUDA); then every round runs each
@@ -333,8 +340,7 @@ def cmd_bench(args) -> int:
             speedup=speedup, bound=res.speedup_bound, full=res.stats.full_steps,
             cached=res.stats.cached_steps, empty=res.stats.empty_steps, psnr=psnr(out, ref, data_range),
             ssim=ssim(out, ref, data_range),
-            warning=(f"measured {speedup:.2f}x is above the bound {res.speedup_bound:.2f}x: timing noise "
-                     f"(raise --repeats)") if speedup > res.speedup_bound * NOISE_MARGIN else None,
+            warning=timing_noise(speedup, res.speedup_bound, "raise --repeats"),
         ))
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "family": ckpt.family, "repeats": args.repeats,
@@ -538,6 +544,9 @@ def cmd_demo(args) -> int:
     print(f"with Skip-Cache:    {r.cached_seconds:.3f} s -> {r.cached_path} ({r.summary})")
     print(f"speedup {r.speedup:.2f}x (bound {r.speedup_bound:.2f}x), PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.3f} "
           "(cached vs uncached, same seed)")
+    noise = timing_noise(r.speedup, r.speedup_bound, "a busy machine; raise --repeats")
+    if noise:
+        print(f"note: {noise}")
     return 0
 
 

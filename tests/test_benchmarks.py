@@ -83,3 +83,32 @@ def test_claim_check_takes_the_best_skip_cache_setting_at_least_as_fast():
     lines = equal_speedup_check(skip, peer, "compute")
     assert "Skip-Cache y (60% compute) 33.00 dB, SSIM 0.9500 vs 0.9700 -> Skip-Cache closer" in lines[0]
     assert "Skip-Cache x (60% compute) 35.00 dB, SSIM 0.9800 vs 0.9000 -> split (PSNR: Skip-Cache, SSIM: peer)" in lines[1]
+
+
+def test_fidelity_reports_the_mean_compute_over_trajectories(monkeypatch):
+    """A peer whose block compute depends on the content (First Block Cache, cache-dit) runs a different share on
+    each trajectory: the row gives their mean, not the last trajectory's."""
+    pytest.importorskip("diffusers", minversion="0.42")
+    import contextlib
+    import types
+
+    import benchmarks.fidelity as fidelity
+
+    shares = iter([0.4, 0.6] * len(fidelity.PEERS["fbcache"][1]))
+
+    @contextlib.contextmanager
+    def fake_peer(model, method, **params):
+        yield types.SimpleNamespace(compute_fraction=next(shares))
+
+    class TwoTrajectories:
+        model, requests = None, [None]
+
+        def compare(self, run):
+            run("first")
+            run("second")
+            return {"psnr": 30.0, "ssim": 0.9, "speedup": 1.5, "lpips": float("nan")}
+
+    monkeypatch.setattr(fidelity, "peer_cache", fake_peer)
+    monkeypatch.setattr(fidelity, "generate", lambda model, req, cache=None: None)
+    rows = fidelity.peer_rows(TwoTrajectories(), ["fbcache"])
+    assert [r["compute"] for r in rows] == pytest.approx([0.5] * len(rows))

@@ -107,3 +107,21 @@ def test_run_demo_measures_a_cached_run_close_to_the_uncached_one(demo_like_mode
     assert class_label("triangle") == 2 == class_label("2")
     with pytest.raises(ValueError, match="out of range"):
         class_label(7)
+
+
+def test_main_job_flags_a_speedup_above_its_bound(monkeypatch, capsys):
+    """A run measured faster than its bound allows (a busy machine) is called timing noise, as `skipdit bench` does;
+    a speedup within its bound is printed plainly."""
+    import skipdit_core.demo as demo
+
+    def fake_demo(out, label, cache, **kwargs):
+        return demo.DemoResult("u.mp4", "c.mp4", uncached_seconds=1.55, cached_seconds=1.0, psnr=40.0, ssim=0.99,
+                               summary="x", speedup_bound=fake_demo.bound)
+
+    monkeypatch.setattr(demo, "run_demo", fake_demo)
+    fake_demo.bound = 1.42
+    assert main(["demo"]) == 0
+    assert "note: measured 1.55x is above the bound 1.42x: timing noise" in capsys.readouterr().out
+    fake_demo.bound = 1.6
+    assert main(["demo"]) == 0
+    assert "timing noise" not in capsys.readouterr().out

@@ -78,10 +78,12 @@ def lpips_metric():
 class Trajectories:
     """One model's uncached videos per (class, seed), and the comparison of a cached run with them."""
 
-    def __init__(self, model, requests: list[Request], lpips_fn, repeats: int = 3):
-        self.model, self.requests, self.lpips, self.repeats = model, requests, lpips_fn, repeats
+    def __init__(self, model, requests: list[Request], lpips_fn, repeats: int = 3, timed: bool = True):
+        """timed False: fidelity only (each cached run once, no uncached run beside it; speedup n/a)."""
+        self.model, self.requests, self.lpips, self.repeats, self.timed = model, requests, lpips_fn, repeats, timed
+        self.family = requests[0].family
         generate(model, replace(requests[0], steps=3))  # warm-up: allocator, kernels
-        self.reference = [to_frames("latte", generate(model, req).sample).clamp(-1, 1) for req in requests]
+        self.reference = [to_frames(self.family, generate(model, req).sample).clamp(-1, 1) for req in requests]
 
     def compare(self, run) -> dict:
         """run(request) -> pipeline Result; the means over every trajectory.
@@ -91,12 +93,14 @@ class Trajectories:
         rows = []
         for req, ref in zip(self.requests, self.reference):
             uncached, cached = [], []
-            for _ in range(self.repeats):
-                uncached.append(generate(self.model, req).seconds)
+            for _ in range(self.repeats if self.timed else 1):
+                if self.timed:
+                    uncached.append(generate(self.model, req).seconds)
                 cached.append(run(req))
             result = min(cached, key=lambda r: r.seconds)
-            a, b = ref, to_frames("latte", result.sample).clamp(-1, 1)
-            rows.append({"psnr": psnr(a, b), "ssim": ssim(a, b), "speedup": min(uncached) / result.seconds,
+            a, b = ref, to_frames(self.family, result.sample).clamp(-1, 1)
+            speedup = min(uncached) / result.seconds if self.timed else math.nan
+            rows.append({"psnr": psnr(a, b), "ssim": ssim(a, b), "speedup": speedup,
                          "lpips": self.lpips(a, b) if self.lpips else math.nan})
         capped = lambda k: [min(r[k], 99.0) for r in rows]  # noqa: E731  (identical = 99 dB)
         out = {k: sum(capped(k)) / len(rows) for k in ("psnr", "ssim", "speedup", "lpips")}

@@ -19,7 +19,7 @@ import skipdit_core
 from skipdit_core.models import UStack
 from skipdit_core.skip_cache import AUTHORS_SETTINGS, SkipCacheConfig
 
-FAMILY_LABELS = {"dit": "DiT", "latte": "Latte", "latte_t2v": "Latte T2V", "hunyuan": "Hunyuan-DiT"}
+FAMILY_LABELS = {"dit": "DiT", "latte": "Latte", "latte_t2v": "Latte T2V", "hunyuan": "Hunyuan-DiT", "wan": "Wan"}
 OWN_FAMILIES = ("dit", "latte", "latte_t2v")  # run by our adapter; Hunyuan-DiT is delegated to ComfyUI's model
 
 # The DDPM linear schedule (1e-4 -> 0.02, 1000 steps) of DiT, Latte and Latte T2V. ComfyUI's "linear"
@@ -208,6 +208,11 @@ def core_hunyuan_problems(config) -> list[str]:
     return problems
 
 
+def core_wan_stack(num_blocks: int) -> UStack:
+    """The stack of ComfyUI's WanModel: its blocks in a row, no long skips."""
+    return UStack(num_blocks, 0)
+
+
 def core_hunyuan_stack(depth: int) -> UStack:
     """The U-stack of ComfyUI's HunYuanDiT: blocks < depth/2 - 1 push their output, block i > depth/2
     pops (LIFO), so block i receives block depth-1-i: S = depth/2 - 1 long skips, blocks depth/2 - 1 and
@@ -225,17 +230,17 @@ WINDOW_UNITS = ("timesteps", "percent")
 def cache_config(
     family: str, interval: int, settings: str, unit: str, start: float, end: float, depth: int,
     max_depth: Optional[int] = None, forecast: int = 0, forecast_damping: float = 1.0, empty_steps: int = 0,
-    forecast_warmup: bool = False,
+    forecast_warmup: bool = False, reuse: str = "state",
 ) -> SkipCacheConfig:
     """The SkipCacheConfig of the Apply Skip-Cache node's inputs.
 
     settings "auto": the authors' window and depth for the family (n from the input), the depth capped at
     the model's `max_depth` (long skips, and 2k < units: DiT's k=4 is for DiT-XL's 28 blocks); "custom": start / end in training
     timesteps 0..1000 (unit "timesteps") or in percent of sampling progress 0..100 (unit "percent",
-    0 % = t 1000), and the depth k. forecast (0, 1, 2), forecast_damping, empty_steps and forecast_warmup
-    apply to both."""
+    0 % = t 1000), and the depth k. forecast (0, 1, 2), forecast_damping, empty_steps, forecast_warmup and
+    reuse ("state" or "residual", `skip_cache.REUSE_KINDS`) apply to both."""
     options = dict(forecast=int(forecast), forecast_damping=float(forecast_damping), empty_steps=int(empty_steps),
-                   forecast_warmup=bool(forecast_warmup))
+                   forecast_warmup=bool(forecast_warmup), reuse=reuse)
     if settings == "auto":
         base = AUTHORS_SETTINGS[family]
         k = base.depth if not max_depth else min(base.depth, max_depth)

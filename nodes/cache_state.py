@@ -95,7 +95,8 @@ class SkipCacheSetup:
         forecast = f", forecast order {c.forecast}{damping}" if c.forecast else ""  # none: the paper's reuse
         empty = f", {c.empty_steps} of every {c.interval - 1} cached steps empty" if c.empty_steps else ""
         warmup = ", forecast warm-up" if c.forecast_warmup else ""
-        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{forecast}{empty}{warmup}"
+        residual = ", middle's residual reused" if c.reuse == "residual" else ""
+        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{residual}{forecast}{empty}{warmup}"
 
 
 class SkipCacheState:

@@ -1,4 +1,4 @@
-"""Apply Skip-Cache: MODEL -> MODEL, on the pack's Skip-DiT models and on ComfyUI's own Hunyuan-DiT.
+"""Apply Skip-Cache: MODEL -> MODEL, on the pack's models and on ComfyUI's own Hunyuan-DiT and Wan 2.1 / 2.2.
 
 Built on `ModelPatcher.clone()` and ComfyUI's extension points only:
 - an OUTER_SAMPLE wrapper gives each sampling run its own state (`SkipCacheSetup.new_run()`, in the run's
@@ -7,12 +7,13 @@ Built on `ModelPatcher.clone()` and ComfyUI's extension points only:
 - an APPLY_MODEL wrapper decides every model call (`SkipCacheState.begin`, i.e. skipdit_core's
   `SkipCacheRun` per batch composition, the step identified by its sigma) and times it;
 - our models read the cut of the current call from transformer_options and pass it as `cut=`;
-- ComfyUI's HunYuanDiT gets `double_block` replace patches (`set_model_patch_replace`): on a cached step
-  blocks [k, L-k) are bypassed and block L-k-1 hands on the deep state of the last full step. The skip
-  push / pop of core's block loop stays outside the patches: bypassed shallow blocks push their input,
-  bypassed deep blocks pop those same entries, so deep blocks L-k..L-1 still receive the fresh outputs of
-  blocks k-1..0. With empty steps every block is patched: on an empty step all are bypassed and the last
-  one hands on the forecast output.
+- ComfyUI's HunYuanDiT and WanModel get `double_block` replace patches (`set_model_patch_replace`): on a
+  cached step blocks [k, L-k) are bypassed and block L-k-1 hands on the deep state of the last full step
+  (with `reuse` "residual": its own input plus the middle's residual of the last full step; on Wan, which has
+  no long skips, that is the only way the fresh work of blocks [0, k) reaches the output). Hunyuan-DiT's skip
+  push / pop stays outside the patches: bypassed shallow blocks push their input, bypassed deep blocks pop
+  those same entries, so deep blocks L-k..L-1 still receive the fresh outputs of blocks k-1..0. With empty
+  steps every block is patched: on an empty step all are bypassed and the last one hands on the forecast output.
 The settings live in the clone's transformer_options: the input model is untouched, and removing the node
 removes the effect.
 """
@@ -26,7 +27,10 @@ import torch
 import comfy.model_management
 import comfy.patcher_extension
 from comfy.ldm.hydit.models import HunYuanDiT
+from comfy.ldm.wan.model import WanModel
 from comfy_api.latest import io
+
+from skipdit_core.skip_cache import REUSE_KINDS
 
 from . import adapters
 from .cache_state import RUN_KEY, STATE_KEY, CacheTarget, SkipCacheSetup, current_cut
@@ -41,18 +45,19 @@ def cache_target(model) -> CacheTarget:
     base = model.model
     dm = getattr(base, "diffusion_model", None)
     if isinstance(base, SkipDiTModel):
-        stack = dm.stack
-        if stack.num_skips == 0:
-            raise ValueError(
-                f"Apply Skip-Cache: this {adapters.FAMILY_LABELS[base.family]} checkpoint has no long skips (a vanilla "
-                "model): Skip-Cache needs a Skip-DiT (the '-skip' checkpoints)"
-            )
-        return CacheTarget(base.family, adapters.FAMILY_LABELS[base.family], stack, getattr(dm, "blocks_per_unit", 1))
+        return CacheTarget(base.family, adapters.FAMILY_LABELS[base.family], dm.stack, getattr(dm, "blocks_per_unit", 1))
     if isinstance(dm, HunYuanDiT):
         return CacheTarget("hunyuan", "Hunyuan-DiT (ComfyUI)", adapters.core_hunyuan_stack(dm.depth), 1, core_model=True)
+    if isinstance(dm, WanModel):
+        if type(dm) is not WanModel:  # VACE, camera, S2V, ...: their own block loops add to the blocks' outputs
+            raise ValueError(
+                f"Apply Skip-Cache: the Wan variant {type(dm).__name__} is not supported (its block loop adds its own "
+                "inputs between blocks); it works on plain Wan 2.1 / 2.2 models (text-to-video, image-to-video, TI2V 5B)"
+            )
+        return CacheTarget("wan", "Wan (ComfyUI)", adapters.core_wan_stack(len(dm.blocks)), 1, core_model=True)
     raise ValueError(
-        f"Apply Skip-Cache: {type(base).__name__} has no long skips to cut. It works on the models of Load Skip-DiT "
-        "Model (Skip-DiT DiT / Latte / Latte T2V) and on Hunyuan-DiT"
+        f"Apply Skip-Cache: {type(base).__name__} is not a model it can cut. It works on the models of Load Skip-DiT "
+        "Model and on ComfyUI's own Hunyuan-DiT and Wan 2.1 / 2.2"
     )
 
 
@@ -125,13 +130,16 @@ def apply_model_wrapper(executor, *args, **kwargs):
     return out
 
 
-class HunyuanBlockPatch:
-    """A `double_block` replace patch of ComfyUI's HunYuanDiT for block `index` in [k, L-k).
+class CoreBlockPatch:
+    """A `double_block` replace patch of a ComfyUI core model's block `index` (in [k, L-k), or every block
+    when steps may be empty).
 
     It holds the settings only; the cut it follows is that of the model call running in its thread
     (`current_cut`), so a patch shared between clones or driven by several device threads at once
     stays right. `inner` is a patch another node had set on this block, called instead of the
-    original block (patches coexist)."""
+    original block (patches coexist). With a residual cut, the full step's block k remembers its input
+    h_k on the cut and block L-k-1 captures its output minus it; a cached step's block L-k-1 returns its
+    own input (the fresh h_k, passed through the bypassed blocks) plus the cached residual."""
 
     def __init__(self, setup: SkipCacheSetup, index: int, inner=None):
         self.setup = setup
@@ -152,10 +160,15 @@ class HunyuanBlockPatch:
         if cut.kind == "cached":
             if not cut.depth <= self.index < L - cut.depth:
                 return self._run(args, extra)
-            return {"img": cut.cached if self.index == deep else args["img"]}
+            if self.index != deep:
+                return {"img": args["img"]}
+            return {"img": args["img"] + cut.cached if cut.residual else cut.cached}
+        if cut.residual and self.index == cut.depth:
+            cut.entry = args["img"]
         out = self._run(args, extra)
         if self.index == deep:
-            cut.captured = out["img"]
+            cut.captured = out["img"] - cut.entry if cut.residual else out["img"]
+            cut.entry = None
         if self.index == L - 1:
             cut.captured_output = out["img"]
         return out
@@ -170,7 +183,7 @@ def _without_our_patches(model) -> None:
     options["patches_replace"] = dict(options["patches_replace"])
     kept = {}
     for key, patch in replace.items():
-        while isinstance(patch, HunyuanBlockPatch):
+        while isinstance(patch, CoreBlockPatch):
             patch = patch.inner
         if patch is not None:
             kept[key] = patch
@@ -189,12 +202,13 @@ class ApplySkipCache(io.ComfyNode):
             category="Skip-DiT",
             description=(
                 "Skip-Cache (Skip-DiT): on cached steps only the first and last k blocks of the model run, fed the "
-                "deep features of the last full step through the long skips. Works on the Skip-DiT models of Load "
-                "Skip-DiT Model and on Hunyuan-DiT. Logs the cached / full steps and the measured speedup after "
-                "each run."
+                "deep features of the last full step (on a model without long skips, such as Wan, the last k blocks "
+                "alone resume from them; with reuse = residual, from their own features plus the change the middle "
+                "blocks made at the last full step). Works on the models of Load Skip-DiT Model and on ComfyUI's "
+                "Hunyuan-DiT and Wan 2.1 / 2.2. Logs the cached / full steps and the measured speedup after each run."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A Skip-DiT model (Load Skip-DiT Model) or a Hunyuan-DiT model."),
+                io.Model.Input("model", tooltip="A model of Load Skip-DiT Model, or ComfyUI's Hunyuan-DiT or Wan 2.1 / 2.2."),
                 io.Int.Input(
                     "interval", default=2, min=1, max=64,
                     tooltip="n: one full step every n steps inside the window; the others are cached. 1 = off "
@@ -250,17 +264,25 @@ class ApplySkipCache(io.ComfyNode):
                     tooltip="Run in full the steps that would be cached before the forecast has its order + 1 full "
                     "steps (at the start of sampling), so no cached step extrapolates from fewer points.",
                 ),
+                io.Combo.Input(
+                    "reuse", options=list(REUSE_KINDS), default="state", optional=True,
+                    tooltip="What cached steps take from the full steps. state: the deep features themselves (the "
+                    "paper). residual: the change the middle blocks made, added to the cached step's own features "
+                    "after its first k blocks (what First Block Cache reuses). On a model without long skips the state "
+                    "was the closer of the two (docs/benchmarks.md, section 9).",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with Skip-Cache; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, interval, settings, window_unit, start, end, depth, forecast=0, forecast_damping=1.0,
-                empty_steps=0, forecast_warmup=False) -> io.NodeOutput:
+                empty_steps=0, forecast_warmup=False, reuse="state") -> io.NodeOutput:
         target = cache_target(model)
         config = adapters.cache_config(
             target.family, interval, settings, window_unit, start, end, depth, max_depth=target.stack.max_depth,
             forecast=forecast, forecast_damping=forecast_damping, empty_steps=empty_steps, forecast_warmup=forecast_warmup,
+            reuse=reuse,
         )
         setup = SkipCacheSetup(config, target)  # checks k against the model's long skips
         patched = model.clone()
@@ -274,6 +296,6 @@ class ApplySkipCache(io.ComfyNode):
             L, k = target.stack.num_units, config.depth
             for i in range(0, L) if config.empty_steps else range(k, L - k):
                 inner = existing.get(("double_block", i))
-                patched.set_model_patch_replace(HunyuanBlockPatch(setup, i, inner), "dit", "double_block", i)
+                patched.set_model_patch_replace(CoreBlockPatch(setup, i, inner), "dit", "double_block", i)
         logging.info(f"Skip-Cache set up on {target.label}: {setup.describe_settings()}")
         return io.NodeOutput(patched)

@@ -74,7 +74,7 @@ def _cache_config(args, family, interval):
     base = AUTHORS_SETTINGS[family]
     depth = args.cache_depth or base.depth
     options = dict(forecast=args.cache_forecast, forecast_damping=args.cache_forecast_damping,
-                   empty_steps=args.cache_empty_steps, forecast_warmup=args.cache_forecast_warmup)
+                   empty_steps=args.cache_empty_steps, forecast_warmup=args.cache_forecast_warmup, reuse=args.cache_reuse)
     if args.cache_start_percent is not None or args.cache_end_percent is not None:
         return SkipCacheConfig.from_percent(
             args.cache_start_percent if args.cache_start_percent is not None else 0.3,
@@ -413,6 +413,9 @@ def cache_args(sp) -> None:
                          "output features are forecast (reused with --cache-forecast 0); 0..n-1")
     sp.add_argument("--cache-forecast-warmup", action="store_true",
                     help="run in full the steps that would be cached before the forecast holds its order + 1 full steps")
+    sp.add_argument("--cache-reuse", choices=("state", "residual"), default="state",
+                    help="what cached steps take from the full ones: the deep state h_{L-k} (the paper; default) or the "
+                         "middle's residual h_{L-k} - h_k added to their own h_k (First Block Cache's kind of reuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:

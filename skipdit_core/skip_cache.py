@@ -54,6 +54,10 @@ from .diffusion import NUM_TRAIN_TIMESTEPS
 from .models.ustack import StackCut, UStack
 
 FORECAST_ORDERS = (0, 1, 2)
+# What a full step remembers for the cached ones: the deep state h_{L-k} (the paper), or the middle's residual
+# h_{L-k} - h_k, added to the cached step's own h_k (on a model without long skips, the first k units' work
+# reaches the output only this way).
+REUSE_KINDS = ("state", "residual")
 
 
 class CutForecast:
@@ -120,6 +124,7 @@ class SkipCacheConfig:
     forecast_damping: float = 1.0  # fraction of the forecast's change applied (1: the polynomial itself)
     empty_steps: int = 0  # of each interval's n - 1 cached steps, the last m run no unit (the output is forecast)
     forecast_warmup: bool = False  # cache only once the forecast holds order + 1 full steps
+    reuse: str = "state"  # "state": h_{L-k} itself (the paper); "residual": h_{L-k} - h_k (REUSE_KINDS)
 
     def __post_init__(self):
         if not isinstance(self.interval, int) or self.interval < 1:
@@ -135,6 +140,8 @@ class SkipCacheConfig:
                 f"Skip-Cache empty steps must be an integer in 0..n-1 = 0..{self.interval - 1} (of the n - 1 cached "
                 f"steps of each interval, those that run no unit), got {self.empty_steps!r}"
             )
+        if self.reuse not in REUSE_KINDS:
+            raise ValueError(f"Skip-Cache reuse must be one of {REUSE_KINDS} (state = the paper's), got {self.reuse!r}")
         if not isinstance(self.forecast_warmup, bool):
             raise ValueError(f"Skip-Cache forecast warmup must be True or False, got {self.forecast_warmup!r}")
         for name in ("start", "end"):
@@ -149,9 +156,10 @@ class SkipCacheConfig:
 
     def describe(self) -> str:
         """The settings as the log lines and tables print them, e.g. "n=2 700->50 k=1 forecast=2"
-        or "n=3 1000->0 k=1 forecast=1 damping=0.7 empty=1 warmup"."""
+        or "n=3 1000->0 k=1 forecast=1 damping=0.7 empty=1 warmup residual"."""
         damping = f" damping={self.forecast_damping:g}" if self.forecast and self.forecast_damping != 1.0 else ""
         extra = (f" empty={self.empty_steps}" if self.empty_steps else "") + (" warmup" if self.forecast_warmup else "")
+        extra += " residual" if self.reuse == "residual" else ""
         return f"n={self.interval} {self.start:g}->{self.end:g} k={self.depth}" + (
             f" forecast={self.forecast}{damping}" if self.forecast else "") + extra
 
@@ -287,7 +295,8 @@ class SkipCacheRun:
         which refreshes the newest state of the history."""
         if self.config.interval == 1:
             return None
-        return StackCut(self.config.depth, cached=self.current, output=self.current_output)
+        return StackCut(self.config.depth, cached=self.current, output=self.current_output,
+                        residual=self.config.reuse == "residual")
 
     def end_step(self, cut: Optional[StackCut]) -> None:
         """After the model call: keep a full step's deep state; past the window, drop it."""

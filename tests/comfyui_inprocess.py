@@ -44,6 +44,9 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+RECORDS = Records()  # every log record of this process (checks read the lines their runs wrote)
+
+
 def block_counter(blocks):
     counts = {"calls": 0}
 
@@ -128,9 +131,9 @@ def rel_diff(a, b) -> float:
 
 
 def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0, forecast_damping=1.0, empty_steps=0,
-               forecast_warmup=False):
+               forecast_warmup=False, reuse="state"):
     return node.execute(model, n, "custom", "timesteps", start, end, depth, forecast, forecast_damping, empty_steps,
-                        forecast_warmup).args[0]
+                        forecast_warmup, reuse).args[0]
 
 
 def compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, cfg) -> dict:
@@ -151,7 +154,7 @@ def compare_intervals(nodes, apply, model, counts, result, positive, negative, l
 def main():
     comfy_path, pack_dir, base_dir, checks = sys.argv[1:5]
     nodes = setup(comfy_path, base_dir)
-    records = Records()
+    records = RECORDS
     logging.getLogger().addHandler(records)
     logging.getLogger().setLevel(logging.INFO)
     ok = asyncio.run(nodes.load_custom_node(pack_dir))
@@ -238,6 +241,8 @@ def run_check(check, nodes, pack, base_dir, loaded, records=None):
         result["handoff_kinds"] = [kind for kind, _ in outs]
         result["handoff_exact"] = bool(torch.equal(outs[0][1], outs[1][1]))
         result["handoff_max_abs"] = float((outs[0][1] - outs[1][1]).abs().max().detach())
+    elif check == "wan":
+        result.update(core_wan(nodes, pack, apply, state_mod))
     elif check == "hunyuan_layouts":
         from safetensors.torch import load_file, save_file
 
@@ -388,6 +393,93 @@ def run_check(check, nodes, pack, base_dir, loaded, records=None):
         result.update(bundled_models(pack, loader, base_dir))
     else:
         raise SystemExit(f"unknown check {check!r}")
+    return result
+
+
+def live_run_objects() -> dict:
+    """The pack's per-run Skip-Cache objects alive now (after a full collection), by class name."""
+    import gc
+
+    gc.collect()
+    alive = {}
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in ("SkipCacheState", "SkipCacheRun", "CutForecast", "_Track"):
+            alive[name] = alive.get(name, 0) + 1
+    return alive
+
+
+def core_wan(nodes, pack, apply, state_mod) -> dict:
+    """ComfyUI's own Wan (core Load Diffusion Model) with Apply Skip-Cache: n = 1 identical, the blocks a cached
+    step runs (counted), a full and a cached call on the same input agreeing, a Wan 2.2 A14B-style chain of two
+    experts through two KSamplerAdvanced, and a Wan variant refused by name."""
+    import torch
+
+    import comfy.samplers
+    from skipdit_core.skip_cache import SkipCacheConfig, simulate
+
+    unet = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]()
+    model = unet.load_unet("wan-core-tiny.safetensors", "default")[0]
+    dm = model.model.diffusion_model
+    result = {"model_class": type(dm).__module__ + "." + type(dm).__name__, "blocks": len(dm.blocks)}
+    counts = block_counter(dm.blocks)
+    g = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 16, 4096, generator=g) * 0.5, {}]]
+    negative = [[torch.zeros(1, 16, 4096), {}]]
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+    steps = 6
+    compare_intervals(nodes, apply, model, counts, result, positive, positive, latent, steps, 1.0)
+    result["steps"] = steps
+    # A full call, then a cached call on the same input, for each kind of reuse: fed the deep state, the cached call
+    # reproduces the full one exactly; fed the residual, h_1 + (h_5 - h_1), up to rounding.
+    counts["calls"] = 0
+    residual_run = run_sampler(nodes, skip_cache(apply, model, 2, reuse="residual"), positive, positive, latent, steps, 1.0)
+    result["block_calls_residual"] = counts["calls"]
+    result["residual_rel_diff"] = rel_diff(residual_run, run_sampler(nodes, model, positive, positive, latent, steps, 1.0))
+    sigma = torch.tensor([0.6])
+    x = torch.randn(1, 16, 2, 8, 8, generator=g) * 0.6
+    for reuse in ("state", "residual"):
+        patched = skip_cache(apply, model, 2, reuse=reuse)
+        options = patched.model_options["transformer_options"]
+        state = options[state_mod.STATE_KEY].new_run()
+        outs = []
+        for step_sigma in (1.0, 0.5):
+            cut = state.begin("k", step_sigma, 600.0)
+            outs.append((cut.kind, patched.model.apply_model(x, sigma, c_crossattn=positive[0][0], transformer_options=options)))
+            state.end("k", cut, 0.0)
+        result[f"handoff_{reuse}"] = {"kinds": [kind for kind, _ in outs], "rel_diff": rel_diff(outs[1][1], outs[0][1]),
+                                      "settings": options[state_mod.STATE_KEY].describe_settings()}
+        del state, outs
+    # Wan 2.2 A14B: a high-noise expert samples steps 0..5 of 10 and hands on its noisy latent, a low-noise expert
+    # steps 5..10; each through its own Apply Skip-Cache (the paper's window 700 -> 50, n = 2).
+    low = unet.load_unet("wan-core-tiny-low.safetensors", "default")[0]
+    advanced = nodes.NODE_CLASS_MAPPINGS["KSamplerAdvanced"]()
+    experts = [skip_cache(apply, m, 2, start=700.0, end=50.0) for m in (model, low)]  # the deep state, by default
+    mark = len(RECORDS.messages)
+    (half,) = advanced.sample(experts[0], "enable", 7, 10, 3.0, "euler", "simple", positive, negative, latent, 0, 5, "enable")
+    (done,) = advanced.sample(experts[1], "disable", 7, 10, 3.0, "euler", "simple", positive, negative, half, 5, 10, "disable")
+    result["chain_log"] = [m for m in RECORDS.messages[mark:] if m.startswith("Skip-Cache [")]
+    result["chain_finite"] = bool(torch.isfinite(done["samples"]).all())
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+    timesteps = [float(model.model.model_sampling.timestep(s)) for s in sigmas[:-1]]
+    config = SkipCacheConfig(interval=2, start=700.0, end=50.0, depth=1)
+    result["chain_expected"] = [
+        [simulate(config, ts, 6, 0, "wan").full_steps, simulate(config, ts, 6, 0, "wan").cached_steps]
+        for ts in (timesteps[:5], timesteps[5:])]
+    result["chain_timesteps"] = timesteps
+    del experts, half, done
+    result["alive_after"] = live_run_objects()
+    # A Wan variant (VACE, camera, S2V, ... are subclasses of WanModel with their own block loops) is refused by name.
+    import types
+
+    variant_class = type("VaceWanModel", (type(dm),), {})
+    variant = model.clone()  # the clone's own `model` attribute: the loaded model is not touched
+    variant.model = types.SimpleNamespace(diffusion_model=variant_class.__new__(variant_class))
+    try:
+        skip_cache(apply, variant, 2)
+        result["variant_error"] = None
+    except ValueError as e:
+        result["variant_error"] = str(e)
     return result
 
 

@@ -32,15 +32,15 @@ def comfyui_python() -> str:
     return os.environ.get("COMFYUI_PYTHON", sys.executable)
 
 
-def write_model(path: Path, family: str, preset=None, dtype=None, **overrides) -> None:
-    """A model of random weights (no zero-initialised output layers) saved with its config."""
+def write_model(path: Path, family: str, preset=None, dtype=None, seed: int = 1, **overrides) -> None:
+    """A model of random weights (no zero-initialised output layers; `seed` picks them) saved with its config."""
     from helpers import randomize
     from skipdit_core import models
     from skipdit_core.loading import save_safetensors
 
     config = models.make_config(family, overrides, preset=preset)
     torch.manual_seed(0)
-    model = randomize(models.build_model(family, config), seed=1)
+    model = randomize(models.build_model(family, config), seed=seed)
     save_safetensors(model.state_dict(), path, family, config, dtype=dtype)
 
 

@@ -1,5 +1,6 @@
 """Writes workflows/*.json (the pack's example workflows, UI format) from the descriptions below and the
-node schemas of a running ComfyUI with this pack installed:
+node schemas of a running ComfyUI with this pack installed (the core nodes' schemas are ComfyUI 0.33.0's, from
+tests/data/object_info-0.33-core.json, whatever version runs):
 
     python tests/make_workflows.py [http://127.0.0.1:8188 | object_info.json]
 
@@ -187,12 +188,50 @@ def hunyuan():
     return nodes, (note(9, (760, 380), HUNYUAN_TEXT, size=(660.0, 260.0), title="Read me"),)
 
 
+WAN_TEXT = """Wan 2.1 T2V 1.3B with Skip-Cache, 832x480, 33 frames (ComfyUI's own Wan template, plus Apply Skip-Cache)
+
+Files (the names of ComfyUI's Wan 2.1 text-to-video template, from Comfy-Org/Wan_2.1_ComfyUI_repackaged):
+- models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors (core Load Diffusion Model; the 14B files and LoRAs work too)
+- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (Load CLIP, type wan)
+- models/vae/wan_2.1_vae.safetensors
+
+Wan has no long skips: on cached steps Apply Skip-Cache runs the first and last block, the last resuming from the deep features of the last full step (reuse = state) or from its own features plus the change the middle blocks made (reuse = residual).
+Apply Skip-Cache: n = 2, settings auto = window t 700 -> 50, k = 1 (provisional for Wan: no Skip-Cache setting for Wan has been measured yet; with shift 8 that window holds the last fifth of the steps). The log line after each run gives the cached steps and the measured speedup.
+KSampler: the template's uni_pc + simple, 30 steps, cfg 6; ModelSamplingSD3 shift 8."""
+
+
+def wan():
+    nodes = [
+        Node(1, "UNETLoader", (0, 0), {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        Node(2, "CLIPLoader", (0, 150), {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}),
+        Node(3, "CLIPTextEncode", (380, 280), {"text": "a fox moving quickly in a beautiful winter scenery nature trees mountains "
+                                                       "daytime tracking camera"}, {"clip": (2, 0)},
+             title="CLIP Text Encode (positive)"),
+        Node(4, "CLIPTextEncode", (380, 520), {"text": ""}, {"clip": (2, 0)}, title="CLIP Text Encode (negative)"),
+        Node(5, "EmptyHunyuanLatentVideo", (0, 330), {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+        Node(6, "ModelSamplingSD3", (380, 0), {"shift": 8.0}, {"model": (1, 0)}),
+        Node(7, "SkipDiTApplySkipCache", (380, 110),
+             {"interval": 2, "settings": "auto", "window_unit": "timesteps", "start": 700.0, "end": 50.0, "depth": 1},
+             {"model": (6, 0)}),
+        Node(8, "KSampler", (760, 0), {"seed": 0, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple",
+                                       "denoise": 1.0},
+             {"model": (7, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        Node(9, "VAELoader", (760, 340), {"vae_name": "wan_2.1_vae.safetensors"}),
+        Node(10, "VAEDecode", (1120, 0), {}, {"samples": (8, 0), "vae": (9, 0)}),
+        Node(11, "CreateVideo", (1120, 150), {"fps": 16.0}, {"images": (10, 0)}),
+        Node(12, "SaveVideo", (1460, 0), {"filename_prefix": "skipdit/wan2.1-t2v", "format": "auto", "codec": "auto"},
+             {"video": (11, 0)}, size=(420.0, SAVE_VIDEO_HEIGHT)),
+    ]
+    return nodes, (note(13, (760, 470), WAN_TEXT, size=(660.0, 320.0), title="Read me"),)
+
+
 WORKFLOWS = {
     "skipdit-demo-moving-shapes": demo,
     "latte-t2v-skip-cache": latte_t2v,
     "latte-ucf101-class-to-video": latte_ucf101,
     "dit-class-to-image": dit,
     "hunyuan-dit-text-to-image": hunyuan,
+    "wan2.1-t2v-1.3B-skip-cache": wan,
 }
 
 
@@ -202,8 +241,13 @@ def object_info(source: str) -> dict:
     return json.loads(Path(source).read_text())
 
 
+# The core nodes' schemas the files are written for (ComfyUI 0.33.0's), whichever version serves the pack's.
+CORE_0_33 = ROOT / "tests" / "data" / "object_info-0.33-core.json"
+
+
 def main(argv: list[str]) -> None:
-    info = object_info(argv[0] if argv else "http://127.0.0.1:8188")
+    core = {k: v for k, v in json.loads(CORE_0_33.read_text()).items() if k != "_doc"}
+    info = object_info(argv[0] if argv else "http://127.0.0.1:8188") | core
     OUT.mkdir(exist_ok=True)
     for name, make in WORKFLOWS.items():
         nodes, notes = make()

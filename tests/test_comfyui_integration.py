@@ -50,6 +50,11 @@ def base_dir(tmp_path_factory) -> Path:
     # The smallest Hunyuan-DiT ComfyUI's own model can hold: its text layers are full size (42 M parameters).
     write_model(own / "hunyuan-core-tiny.safetensors", "hunyuan", None, dtype=torch.float16, depth=6, hidden_size=128,
                 num_heads=16, mlp_ratio=4.0, use_style_cond_and_image_meta_size=False)
+    # The smallest Wan ComfyUI's model detection reads (one head of 128, umT5's 4096-wide text input), twice: the
+    # high-noise and low-noise experts of a Wan 2.2 A14B-style chain.
+    for name, seed in (("wan-core-tiny.safetensors", 1), ("wan-core-tiny-low.safetensors", 2)):
+        write_model(core / name, "wan", None, seed=seed, dim=128, ffn_dim=256, num_layers=6, num_heads=1, in_channels=16,
+                    out_channels=16, text_dim=4096, freq_dim=256, text_len=16)
     (base / "models/loras").mkdir()
     g = torch.Generator().manual_seed(4)  # a rank-4 LoRA on the first spatial block's qkv, kohya key names
     from safetensors.torch import save_file
@@ -133,6 +138,8 @@ def test_node_schemas_in_object_info(server):
     assert inputs["settings"][1]["options"] == ["auto", "custom"]
     assert inputs["window_unit"][1]["options"] == ["timesteps", "percent"]
     assert (inputs["start"][1]["default"], inputs["end"][1]["default"], inputs["depth"][1]["default"]) == (700.0, 50.0, 1)
+    reuse = apply["input"]["optional"]["reuse"]
+    assert reuse[1]["options"] == ["state", "residual"] and reuse[1]["default"] == "state"
     assert info["SkipDiTClassLabel"]["output"] == ["CONDITIONING", "CONDITIONING"]
     assert info["SkipDiTDecodeVideo"]["input"]["optional"]["vae"][0] == "VAE"
     assert info["SkipDiTDecodeVideo"]["output"] == ["IMAGE"]
@@ -190,8 +197,12 @@ def test_dit_auto_settings_and_clear_errors(server, base_dir):
     (s,) = summaries(log)
     assert "window t 1000 -> 20, depth k=1" in log  # DiT's authors' window; k=4 capped: 4 blocks, 2k < 4
     assert int(s["cached"]) > 0
-    entry, _ = server.run(dit("dit-tiny-vanilla.safetensors", "vanilla"))
-    assert entry["status"]["status_str"] == "error" and "no long skips" in error_text(entry)
+    # A vanilla model has no long skips: cached steps run blocks 0 and 3, block 3 resuming from the deep state.
+    entry, log = server.run(dit("dit-tiny-vanilla.safetensors", "vanilla"))
+    assert entry["status"]["status_str"] == "success", error_text(entry) + log[-2000:]
+    (s,) = summaries(log)
+    assert int(s["cached"]) > 0 and (s["run"], s["all"]) == (
+        str(4 * int(s["full"]) + 2 * int(s["cached"])), str(4 * int(s["steps"])))
     entry, _ = server.run(dit("broken.safetensors", "broken"))
     assert entry["status"]["status_str"] == "error" and "broken.safetensors" in error_text(entry)
     # A file that is not there: the prompt is refused when queued (the loader's validate_inputs).
@@ -268,7 +279,7 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,odd_sizes,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
+    checks = "hunyuan,wan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,odd_sizes,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
         [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
@@ -306,6 +317,32 @@ def test_skip_cache_on_core_hunyuan_dit(inprocess):
     assert f"{steps // 2} full + {steps // 2} cached of {steps} steps" in line  # the log names the forecast
     # A cached step fed the deep state captured from the same input reproduces the full step exactly.
     assert r["handoff_kinds"] == [False, True] and r["handoff_exact"], r["handoff_max_abs"]
+
+
+def test_skip_cache_on_core_wan(inprocess):
+    """ComfyUI's own Wan through core Load Diffusion Model (no long skips): a cached step runs blocks 0 and L-1, the
+    last resuming from the deep state of the last full step, or (reuse = residual) from its own block-0 output plus
+    the middle's residual of the last full step."""
+    r = inprocess["wan"]
+    assert r["model_class"] == "comfy.ldm.wan.model.WanModel"
+    steps, L = r["steps"], r["blocks"]
+    assert r["block_calls_plain"] == r["block_calls_n1"] == steps * L and r["n1_identical"]
+    # cached steps: 2k of L blocks, either kind of reuse
+    assert r["block_calls_n2"] == r["block_calls_residual"] == steps // 2 * L + steps // 2 * 2
+    assert 0 < r["n2_rel_diff"] < 0.5 and 0 < r["residual_rel_diff"] < 0.5
+    # a cached call on the input of the full one reproduces it: exactly from the state, up to rounding from the residual
+    assert r["handoff_state"]["kinds"] == r["handoff_residual"]["kinds"] == ["full", "cached"]
+    assert r["handoff_state"]["rel_diff"] == 0.0 and r["handoff_residual"]["rel_diff"] < 1e-5, r
+    assert "residual" not in r["handoff_state"]["settings"] and "middle's residual reused" in r["handoff_residual"]["settings"]
+    # Two experts, two KSamplerAdvanced runs: a state and a log line each, the window in the whole schedule's
+    # timesteps (the high-noise half is all above t = 700: nothing cached), nothing alive afterwards.
+    assert len(r["chain_log"]) == 2 and r["chain_finite"]
+    for line, (full, cached) in zip(r["chain_log"], r["chain_expected"]):
+        assert line.startswith("Skip-Cache [Wan (ComfyUI), n=2, window t 700 -> 50, depth k=1]")
+        assert f"{full} full + {cached} cached of 5 steps" in line, (line, r["chain_timesteps"])
+    assert r["chain_expected"][0] == [5, 0] and r["chain_expected"][1][1] > 0, r["chain_timesteps"]
+    assert r["alive_after"] == {}
+    assert "the Wan variant VaceWanModel is not supported" in r["variant_error"]
 
 
 def test_hunyuan_layouts_load_through_one_loader(inprocess):

@@ -205,8 +205,11 @@ def test_depth_out_of_range_and_vanilla_models():
         SkipCacheRun(SkipCacheConfig(depth=15), UStack(28, 14))
     with pytest.raises(ValueError, match=r"k=14 skips nothing on this model: .* its 28 units, 28 units; k must be in 1..13"):
         SkipCacheRun(SkipCacheConfig(depth=14), UStack(28, 14))  # custom k = 14 on DiT-XL: every block runs
-    with pytest.raises(ValueError, match="needs a model with long skips"):
-        SkipCacheRun(SkipCacheConfig(), UStack(28, 0))
+    # a model without long skips: any k with 2k < L (the first k units' work reaches the output through the residual)
+    assert UStack(28, 0).max_depth == 13
+    SkipCacheRun(SkipCacheConfig(depth=13, reuse="residual"), UStack(28, 0))
+    with pytest.raises(ValueError, match=r"k=14 skips nothing on this model"):
+        SkipCacheRun(SkipCacheConfig(depth=14), UStack(28, 0))
     with pytest.raises(ValueError, match="percent must be in 0..1"):
         SkipCacheConfig.from_percent(30, 95)
 
@@ -539,3 +542,44 @@ def test_empty_steps_and_warmup_are_named():
     config = SkipCacheConfig(interval=3, start=1000, end=0, forecast=1, forecast_damping=0.7, empty_steps=1, forecast_warmup=True)
     assert config.describe() == "n=3 1000->0 k=1 forecast=1 damping=0.7 empty=1 warmup"
     assert SkipCacheConfig.from_percent(0.0, 1.0, 3, 1, empty_steps=2).empty_steps == 2
+
+
+def test_residual_reuse_on_a_stack_without_long_skips():
+    """Units as `h -> h + f_i(h)`: a full run captures h_{L-k} - h_k; a cached run on the same input reproduces
+    the full run's output (up to rounding); with another input it adds the old residual to its own h_k, unlike
+    the state reuse, which discards the first k units' work on a stack without long skips."""
+    stack = UStack(6, 0)
+    weights = [torch.randn(4, 4, generator=torch.Generator().manual_seed(i)) * 0.3 for i in range(6)]
+    run_unit = lambda i, h: h + torch.tanh(h @ weights[i])  # noqa: E731
+    fuse = lambda j, h, skip: pytest.fail("no long skips to fuse")  # noqa: E731
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
+    for reuse in ("residual", "state"):
+        run = SkipCacheRun(SkipCacheConfig(interval=2, start=1000, end=0, depth=2, reuse=reuse), stack)
+        full_cut = run.begin_step(900)
+        assert full_cut.residual == (reuse == "residual")
+        full = stack.run(x, run_unit, fuse, full_cut)
+        h = x
+        for i in range(4):
+            h = run_unit(i, h)
+        h2 = run_unit(1, run_unit(0, x))
+        expected_capture = h - h2 if reuse == "residual" else h
+        torch.testing.assert_close(full_cut.captured, expected_capture, rtol=0, atol=0)
+        assert full_cut.entry is None
+        run.end_step(full_cut)
+        cached_cut = run.begin_step(800)
+        assert cached_cut.kind == "cached"
+        torch.testing.assert_close(stack.run(x, run_unit, fuse, cached_cut), full, rtol=1e-6, atol=1e-6)
+        run.end_step(cached_cut)
+        other = x * 1.5
+        again = SkipCacheRun(SkipCacheConfig(interval=2, start=1000, end=0, depth=2, reuse=reuse), stack)
+        cut = again.begin_step(900)
+        stack.run(x, run_unit, fuse, cut)
+        again.end_step(cut)
+        cut = again.begin_step(800)
+        out = stack.run(other, run_unit, fuse, cut)
+        h2_other = run_unit(1, run_unit(0, other))
+        middle = h2_other + (h - h2) if reuse == "residual" else h
+        torch.testing.assert_close(out, run_unit(5, run_unit(4, middle)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"reuse must be one of \('state', 'residual'\)"):
+        SkipCacheConfig(reuse="deep")
+    assert SkipCacheConfig(reuse="residual").describe().endswith(" residual")

@@ -398,10 +398,16 @@ def test_skip_cache_on_skip_wan(skip_wan):
     assert cached.speedup_bound == pytest.approx(1 / (0.5 + 0.5 * 2 / 6))
 
 
-def test_vanilla_wan_refuses_skip_cache(paired):
+def test_vanilla_wan_caches_the_middle_residual(paired):
+    """A released Wan has no long skips: cached steps run the first and last k blocks and add the middle's
+    residual of the last full step; n = 1 is the plain model."""
     cfg, _, ours = paired
-    with pytest.raises(ValueError, match="needs a model with long skips"):
-        generate(ours, tiny_request(cfg, steps=2), SkipCacheConfig(interval=2))
+    request = tiny_request(cfg, steps=4)
+    plain = generate(ours, request, None).sample
+    assert torch.equal(generate(ours, request, SkipCacheConfig(interval=1, reuse="residual")).sample, plain)
+    cached = generate(ours, request, SkipCacheConfig(interval=2, start=1000, end=0, reuse="residual"))
+    assert cached.stats.schedule == ["F", "C", "F", "C"] and torch.isfinite(cached.sample).all()
+    assert not torch.equal(cached.sample, plain)
 
 
 def test_half_precision_close_to_fp32(skip_wan):

@@ -10,7 +10,10 @@ Skip-Cache needs one more thing of the stack, and it is the same for every famil
 that is cut at depth k. A full run remembers the hidden state at the input of unit L-k
 (before that unit fuses its skip) and the stack's output; a cached run executes only units
 [0, k) and [L-k, L), resuming from the remembered (or forecast) state; an empty run executes
-no unit and returns the output it is handed. `StackCut` carries those states; the rule deciding
+no unit and returns the output it is handed. With `residual`, what is remembered is the middle's
+residual h_{L-k} - h_k instead (the change units [k, L-k) made), and a cached run resumes from its
+own h_k plus it: on a stack without long skips (S = 0) that is the only way the first k units' fresh
+work reaches the output (what First Block Cache and cache-dit's Fn/Bn reuse). `StackCut` carries those states; the rule deciding
 what a step is lives in `skipdit_core.skip_cache`, not here.
 """
 from __future__ import annotations
@@ -69,6 +72,8 @@ class StackCut:
         deep state (shape of the hidden state) for a cached run.
     output: for an empty run, the stack's output to return without running any unit (shape of
         the hidden state); None otherwise.
+    residual: the cut state is the middle's residual h_{L-k} - h_k rather than h_{L-k} itself;
+        `entry` holds h_k (the input of unit k) while a full run is between units k and L-k.
     """
 
     depth: int
@@ -76,6 +81,8 @@ class StackCut:
     captured: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None
     captured_output: Optional[torch.Tensor] = None
+    residual: bool = False
+    entry: Optional[torch.Tensor] = None
 
     @property
     def kind(self) -> str:
@@ -116,19 +123,21 @@ class UStack:
 
     @property
     def max_depth(self) -> int:
-        """The deepest useful cut: k long skips at most, and k + k < L units, so a cached step skips some."""
-        return min(self.num_skips, (self.num_units - 1) // 2)
+        """The deepest useful cut: k + k < L units, so a cached step skips some, and with long skips at most
+        one per skip (the first k units' outputs reach the last k through them)."""
+        half = (self.num_units - 1) // 2
+        return min(self.num_skips, half) if self.num_skips else half
 
     def check_depth(self, depth: int) -> None:
         """Raise a clear error if a cut at `depth` does not fit this stack's long skips, or would skip nothing
         (2k >= L: a "cached" step would run every unit and still swap in a stale deep state)."""
-        if self.num_skips == 0:
-            raise ValueError("Skip-Cache needs a model with long skips (a Skip-DiT or Hunyuan-DiT); this one has none")
-        if not 1 <= depth <= self.num_skips:
+        if self.num_skips and not 1 <= depth <= self.num_skips:
             raise ValueError(
                 f"Skip-Cache depth k={depth} is out of range for this model: it has {self.num_skips} long skips, "
                 f"so k must be in 1..{self.max_depth}"
             )
+        if depth < 1:
+            raise ValueError(f"Skip-Cache depth k must be at least 1, got {depth}")
         if 2 * depth >= self.num_units:
             raise ValueError(
                 f"Skip-Cache depth k={depth} skips nothing on this model: a cached step runs the first and last k of "
@@ -154,12 +163,16 @@ class UStack:
                 return cut.output
         cut_at = None if cut is None else L - cut.depth
         pushed: dict[int, torch.Tensor] = {}
+        residual = cut is not None and cut.residual
         for i in self.units_run(cut):
+            if residual and i == cut.depth:
+                cut.entry = h  # a full run: h_k, where the middle starts
             if i == cut_at:
                 if cut.cached is None:
-                    cut.captured = h
+                    cut.captured = h - cut.entry if residual else h
+                    cut.entry = None
                 else:
-                    h = cut.cached
+                    h = h + cut.cached if residual else cut.cached
             if i >= L - S:
                 h = fuse(i - (L - S), h, pushed.pop(L - 1 - i))
             h = run_unit(i, h)

@@ -251,6 +251,34 @@ def cmd_sample_many(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate, write_report
+
+    procs = _processes(args)
+    device = _device(args.device)
+    procs.join(torch.device(device))
+    report = evaluate(args.samples, args.reference, inception=args.inception, i3d=args.i3d, frames=args.frames,
+                      batch_size=args.batch_size, cache_dir=args.cache_dir, max_reference=args.max_reference,
+                      device=device, processes=procs, progress=not args.no_progress)
+    if not procs.main:
+        return 0
+    metric = report["metric"]
+    what = f"{metric.upper()}" + (f" ({report['frames']} frames)" if metric == "fvd" else "")
+    print(f"{what} against {report['reference']['path']} ({report['reference']['items']} items), "
+          f"network {report['network']['path']}:")
+    for row in report["results"]:
+        print(f"  {row['setting']:<34} {row[metric]:12.4f}  ({row['items']} samples)")
+    output = args.output
+    if output is None and (Path(args.samples) / "summary.json").is_file():
+        output = str(Path(args.samples) / f"evaluation-{metric}.json")
+    if output:
+        write_report(report, Path(output))
+        print(f"wrote {output}")
+    return 0
+
+
 def _processes(args):
     """This process among those launched together, its GPU chosen by its local rank; `sample` on several
     processes needs --parallel (sample-many shards samples instead)."""
@@ -461,6 +489,30 @@ def build_parser() -> argparse.ArgumentParser:
     cache_args(many)
     many.add_argument("--no-progress", action="store_true")
     many.set_defaults(func=cmd_sample_many)
+
+    ev = sub.add_parser(
+        "evaluate", help="FID (images) / FVD (videos) of sample-many outputs against a reference set; features cached",
+        description="FID with the TorchScript Inception of StyleGAN2-ADA / StyleGAN-V (--inception, 2048-d pool "
+                    "features, uint8 images), FVD with StyleGAN-V's TorchScript I3D (--i3d, 400-d, the first --frames "
+                    "frames in [-1, 1]); local files only, nothing is downloaded. Each set's features are cached "
+                    "(beside it or in --cache-dir); under torchrun / accelerate launch every process extracts a share.")
+    ev.add_argument("samples", help="a sample-many --out folder (every setting in its summary.json), one setting's "
+                    ".npz or folder of .npy, or any .npz of uint8 arrays (arr_0)")
+    ev.add_argument("--reference", required=True,
+                    help="a folder of videos (mp4, webm, avi, ...) or images (png, jpg, ...; needs Pillow), searched "
+                         "recursively, or an .npz of uint8 arrays (arr_0: (N, [F,] H, W, 3))")
+    ev.add_argument("--inception", metavar="PATH", help="FID: inception-2015-12-05.pt (TorchScript)")
+    ev.add_argument("--i3d", metavar="PATH", help="FVD: i3d_torchscript.pt (TorchScript)")
+    ev.add_argument("--frames", type=int, default=16,
+                    help="FVD: the first F frames of every video (default 16, FVD-16); shorter videos are discarded")
+    ev.add_argument("--max-reference", type=int, metavar="N",
+                    help="only the first N reference items (sorted by path; StyleGAN-V's fvd2048_16f takes 2048)")
+    ev.add_argument("--batch-size", type=int, default=8, help="items per network call and per cached chunk")
+    ev.add_argument("--cache-dir", help="where features are cached (default: beside each set); one all processes see")
+    ev.add_argument("-o", "--output", help="a JSON report (default for a sample-many folder: <folder>/evaluation-<metric>.json)")
+    ev.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under a launcher), else cpu")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
 
     sample = sub.add_parser("sample", help="generate a video or image, optionally with Skip-Cache")
     generation_args(sample, bench=False)

@@ -217,7 +217,7 @@ class ApplySkipCache(io.ComfyNode):
                 io.Combo.Input(
                     "settings", options=["auto", "custom"], default="auto",
                     tooltip="auto: the authors' window and depth for the model's family (Latte 900->50 k=1, Latte "
-                    "T2V 700->50 k=1, DiT 1000->20 k=4 (at most the model's skips), Hunyuan-DiT 700->50 k=1); start / end / depth below are "
+                    "T2V 700->50 k=1, DiT 1000->20 k=4 (at most the model's skips), Hunyuan-DiT 700->50 k=1, Wan 1000->0 k=1); start / end / depth below are "
                     "then ignored. custom: use them.",
                 ),
                 io.Combo.Input(

@@ -118,6 +118,11 @@ def _load(path: str, weight_dtype: str):
         raise ValueError(str(e)) from None
     if ckpt.family == "hunyuan":
         return _core_hunyuan(ckpt.state_dict, path, weight_dtype, ckpt.layout)
+    if ckpt.family == "wan":  # ComfyUI's own Wan runs it, with its own latent format and sampling settings
+        raise ValueError(
+            f"{path}: a Wan model ({ckpt.layout} layout): load it with ComfyUI's Load Diffusion Model "
+            "(models/diffusion_models/); Apply Skip-Cache works on that MODEL"
+        )
     dtype = pick_dtype(weight_dtype, ckpt.state_dict)
     d = ckpt.describe()
     info = (

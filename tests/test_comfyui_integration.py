@@ -205,6 +205,8 @@ def test_dit_auto_settings_and_clear_errors(server, base_dir):
         str(4 * int(s["full"]) + 2 * int(s["cached"])), str(4 * int(s["steps"])))
     entry, _ = server.run(dit("broken.safetensors", "broken"))
     assert entry["status"]["status_str"] == "error" and "broken.safetensors" in error_text(entry)
+    entry, _ = server.run(dit("wan-core-tiny.safetensors", "wan"))  # Wan belongs to core Load Diffusion Model
+    assert entry["status"]["status_str"] == "error" and "load it with ComfyUI's Load Diffusion Model" in error_text(entry)
     # A file that is not there: the prompt is refused when queued (the loader's validate_inputs).
     with pytest.raises(urllib.error.HTTPError) as refused:
         server.queue(dit("not-downloaded.pt", "missing"))

@@ -112,3 +112,45 @@ def test_fidelity_reports_the_mean_compute_over_trajectories(monkeypatch):
     monkeypatch.setattr(fidelity, "generate", lambda model, req, cache=None: None)
     rows = fidelity.peer_rows(TwoTrajectories(), ["fbcache"])
     assert [r["compute"] for r in rows] == pytest.approx([0.5] * len(rows))
+
+
+def test_gpu_script_dry_mode_runs(tmp_path):
+    """benchmarks/gpu.py --dry: every family's speed and peak-share rows, sample-many's two rows, the peak check
+    skipped with its reason, written to --out and never to docs/."""
+    docs = os.path.join(ROOT, "docs", "gpu.md")
+    before = os.stat(docs).st_mtime_ns if os.path.exists(docs) else None
+    out = tmp_path / "gpu.md"
+    printed = run("gpu.py", "--dry", "--out", str(out))
+    text = out.read_text()
+    assert text in printed
+    assert (os.stat(docs).st_mtime_ns if os.path.exists(docs) else None) == before
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    presets = {"dit": "DiT-tiny", "latte": "Latte-tiny", "latte_t2v": "Latte-T2V-tiny", "hunyuan": "HunyuanDiT-tiny",
+               "wan": "tiny"}
+    for family, preset in presets.items():
+        settings = [r[2] for r in rows if r[0] == f"| {family}" and len(r) == 8]
+        assert settings[0] == "uncached" and len(settings) == 3, (family, settings)
+        assert settings[1].startswith("n=2 ") and settings[2] == "n=3 1000->0 forecast 1 damping 0.7"
+        share = [r for r in rows if r[0] == f"| {family}" and len(r) == 6]
+        assert len(share) == 1 and share[0][1] == f"{preset}, tiny" and float(share[0][4]) > 0, share
+    assert [r[0] for r in rows if r[0] in ("| uncached", "| n=2 900->50")] == ["| uncached", "| n=2 900->50"]
+    assert all(float(r[4]) > 0 for r in rows if r[0] in ("| uncached", "| n=2 900->50"))
+    assert "Peak check: skipped (dry run" in text and "PASS" not in text and "FAIL" not in text
+
+
+def test_gpu_flop_count_by_hand():
+    from benchmarks.gpu import block_flops, model_flops
+
+    # D = 8, T = 4, 2 heads, MLP 32: projections 8*4*64 = 2048, attention 4*4*4*8 = 512, MLP 4*4*8*32 = 4096
+    assert block_flops(8, 4, 2) == 2048 + 512 + 4096
+    # attending within 2-token groups: 4*4*2*8 = 256; 3 text tokens: 4*4*64 + 4*3*64 + 4*4*3*8 = 1024 + 768 + 384
+    assert block_flops(8, 4, 2, attn_len=2) == 2048 + 256 + 4096
+    assert block_flops(8, 4, 2, text_tokens=3) == 6656 + 2176
+    with pytest.raises(ValueError):
+        block_flops(8, 4, 3)
+    # DiT-XL/2 at 256^2, one sample: 28 blocks of D = 1152 on 256 tokens (docs/sampling-at-scale.md: 0.47 TFLOP
+    # per step with the 2 CFG rows)
+    config = make_config("dit", preset="DiT-XL/2")
+    d, t = 1152, 256
+    assert model_flops("dit", config, 1, 32) == 28 * (24 * t * d * d + 4 * t * t * d)
+    assert 2 * model_flops("dit", config, 1, 32) / 1e12 == pytest.approx(0.4735, abs=1e-4)

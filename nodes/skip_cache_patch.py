@@ -160,15 +160,12 @@ class CoreBlockPatch:
         if cut.kind == "cached":
             if not cut.depth <= self.index < L - cut.depth:
                 return self._run(args, extra)
-            if self.index != deep:
-                return {"img": args["img"]}
-            return {"img": args["img"] + cut.cached if cut.residual else cut.cached}
-        if cut.residual and self.index == cut.depth:
-            cut.entry = args["img"]
+            return {"img": cut.resume(args["img"]) if self.index == deep else args["img"]}
+        if self.index == cut.depth:
+            cut.enter_middle(args["img"])
         out = self._run(args, extra)
         if self.index == deep:
-            cut.captured = out["img"] - cut.entry if cut.residual else out["img"]
-            cut.entry = None
+            cut.capture(out["img"])
         if self.index == L - 1:
             cut.captured_output = out["img"]
         return out

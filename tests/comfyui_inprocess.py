@@ -463,9 +463,8 @@ def core_wan(nodes, pack, apply, state_mod) -> dict:
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
     timesteps = [float(model.model.model_sampling.timestep(s)) for s in sigmas[:-1]]
     config = SkipCacheConfig(interval=2, start=700.0, end=50.0, depth=1)
-    result["chain_expected"] = [
-        [simulate(config, ts, 6, 0, "wan").full_steps, simulate(config, ts, 6, 0, "wan").cached_steps]
-        for ts in (timesteps[:5], timesteps[5:])]
+    runs = [simulate(config, ts, 6, 0, "wan") for ts in (timesteps[:5], timesteps[5:])]
+    result["chain_expected"] = [[stats.full_steps, stats.cached_steps] for stats in runs]
     result["chain_timesteps"] = timesteps
     del experts, half, done
     result["alive_after"] = live_run_objects()

@@ -84,6 +84,20 @@ class StackCut:
     residual: bool = False
     entry: Optional[torch.Tensor] = None
 
+    def enter_middle(self, h: torch.Tensor) -> None:
+        """A full run reaches unit k with h (= h_k): a residual cut remembers it."""
+        if self.residual:
+            self.entry = h
+
+    def capture(self, h: torch.Tensor) -> None:
+        """A full run reaches unit L-k with h (= h_{L-k}): remember the cut state."""
+        self.captured = h - self.entry if self.residual else h
+        self.entry = None
+
+    def resume(self, h: torch.Tensor) -> torch.Tensor:
+        """A cached run jumps from unit k-1's output h (its fresh h_k) to unit L-k: the state it resumes from."""
+        return h + self.cached if self.residual else self.cached
+
     @property
     def kind(self) -> str:
         """"full", "cached" (first and last k units run) or "empty" (no unit runs)."""
@@ -163,16 +177,14 @@ class UStack:
                 return cut.output
         cut_at = None if cut is None else L - cut.depth
         pushed: dict[int, torch.Tensor] = {}
-        residual = cut is not None and cut.residual
         for i in self.units_run(cut):
-            if residual and i == cut.depth:
-                cut.entry = h  # a full run: h_k, where the middle starts
+            if cut is not None and i == cut.depth:
+                cut.enter_middle(h)  # only a full run reaches unit k
             if i == cut_at:
                 if cut.cached is None:
-                    cut.captured = h - cut.entry if residual else h
-                    cut.entry = None
+                    cut.capture(h)
                 else:
-                    h = h + cut.cached if residual else cut.cached
+                    h = cut.resume(h)
             if i >= L - S:
                 h = fuse(i - (L - S), h, pushed.pop(L - 1 - i))
             h = run_unit(i, h)

@@ -76,7 +76,7 @@ def tiny(raw: dict, out_dir, **train) -> dict:
 
 def write_pretrained(path, family: str, skip: bool, num_classes: int = 4) -> dict:
     """A random tiny checkpoint in the layout the loader reads, like a downloaded release."""
-    overrides = dict(TINY_MODEL[family], skip=skip)
+    overrides = dict(TINY_MODEL[family], **({"num_skips": int(skip)} if family == "wan" else {"skip": skip}))
     if family in ("dit", "latte"):
         overrides["num_classes"] = num_classes
     config = models.make_config(family, overrides)
@@ -97,7 +97,7 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path):
     family = raw["model"]["family"]
     init_from = raw["model"].get("init_from")
     if init_from:  # stage 1 starts from a vanilla release, stage 2 from a stage-1 run folder
-        stage2 = raw["train"]["trainable"] == "all"
+        stage2 = not init_from.endswith((".safetensors", ".pt"))  # a run folder: stage 1's output
         if stage2:
             prior = tiny(raw, tmp_path / "stage1", trainable="skip_branches")
             prior["model"]["init_from"] = str(tmp_path / "vanilla.safetensors")

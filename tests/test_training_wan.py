@@ -236,3 +236,77 @@ def test_resumed_wan_run_equals_an_uninterrupted_one(tmp_path):
     b = load_file(os.path.join(resumed["checkpoint"], "ema.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def _converted(tmp_path, skip_init: str):
+    """A trained-looking vanilla tiny Wan (4 blocks, random weights) and the stage-1 Skip-Wan built from it with
+    `skip_init`, before any step: (base, converted, calibration inputs)."""
+    from helpers import randomize
+    from skipdit_core import models
+    from skipdit_core.loading import save_safetensors
+    from training.train import _build_model, start_pass_through
+
+    config = models.make_config("wan", dict(TINY, num_layers=4))
+    base = randomize(models.build_model("wan", config), seed=5).eval()
+    save_safetensors(base.state_dict(), str(tmp_path / "base.safetensors"), "wan", config)
+    raw = tiny_recipe(tmp_path / "run", trainable="skip_branches")
+    raw["model"].update(config=dict(TINY, num_layers=4, num_skips=2), init_from=str(tmp_path / "base.safetensors"),
+                        skip_init=skip_init)
+    cfg = from_dict(raw)
+    torch.manual_seed(0)
+    model, new = _build_model(cfg, log=lambda *_: None)
+    assert sorted(new) == sorted(k for k in model.state_dict() if k.startswith(("skip_norms.", "skip_linears.")))
+    if skip_init == "pass_through":
+        from training.data import build_dataset
+
+        stats = start_pass_through(model, cfg, build_dataset(dict(cfg.data)), make_objective("wan", model.config))
+        assert len(stats) == 2 and all(s > 0 for s, _ in stats)
+    return base, model.eval()
+
+
+def test_pass_through_start_tracks_the_base_and_paper_start_does_not(tmp_path):
+    """LayerNorm over concat([h, skip]) rules out an exact identity, so the pass-through start is calibrated: it
+    must stay near the base model's output where the paper's fresh branches do not."""
+    x, t = torch.randn(2, 3, 2, 8, 8), torch.tensor([300.0, 800.0])
+    ctx = torch.randn(2, 4, 16)
+    gaps = {}
+    for skip_init in ("paper", "pass_through"):
+        base, converted = _converted(tmp_path / skip_init, skip_init)
+        with torch.no_grad():
+            ref = base(x, t, ctx)
+            gaps[skip_init] = float((converted(x, t, ctx) - ref).norm() / ref.norm())
+    assert gaps["pass_through"] < 0.25 * gaps["paper"], gaps
+
+
+def test_pass_through_needs_new_skip_branches(tmp_path):
+    raw = tiny_recipe(tmp_path / "run")
+    raw["model"]["skip_init"] = "pass_through"
+    with pytest.raises(ValueError, match="pass_through starts new skip branches"):
+        train(from_dict(raw))
+    raw["model"]["skip_init"] = "identity"
+    with pytest.raises(ConfigError, match="model.skip_init must be one of paper, pass_through"):
+        from_dict(raw)
+
+
+def test_skip_wan_stage1_trains_only_the_branches_and_stage2_starts_from_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.train import resolve_init_from
+
+    s1 = yaml.safe_load(open(os.path.join(ROOT, "training", "configs", "skip-wan-shapes-stage1.yaml")))
+    raw = tiny_recipe(tmp_path / "s1", lr=1e-2, warmup_steps=0)
+    base, _ = _converted(tmp_path / "base", "paper")  # writes base/base.safetensors
+    raw["model"] = dict(s1["model"], config=dict(TINY, num_layers=4, num_skips=2),
+                        init_from=str(tmp_path / "base" / "base.safetensors"))
+    raw["train"]["trainable"] = s1["train"]["trainable"]
+    result = train(from_dict(raw))
+    after = load_file(os.path.join(result["checkpoint"], "model.safetensors"))
+    for k, v in base.state_dict().items():
+        assert torch.equal(after[k], v), f"stage 1 changed the frozen {k}"
+    assert sum(k.startswith(("skip_norms.", "skip_linears.")) for k in after) == 8  # 2 branches x 4 tensors
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    s2 = yaml.safe_load(open(os.path.join(ROOT, "training", "configs", "skip-wan-shapes-stage2.yaml")))
+    assert s2["model"]["init_from"] == s1["train"]["output_dir"] and s2["train"]["trainable"] == "all"
+    assert resolve_init_from(str(tmp_path / "s1")) == os.path.join(result["checkpoint"], "ema.safetensors")

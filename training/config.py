@@ -6,6 +6,8 @@ model:                 # what is trained
   preset: Latte-tiny   # a preset of the family (optional)
   config: {skip: true} # config field overrides (after the preset / the pretrained config)
   init_from: null      # a pretrained checkpoint; a vanilla one becomes Skip-DiT with new skip branches
+  skip_init: paper     # new skip branches: paper (the family's init) | pass_through (calibrated to pass the
+                       # hidden state on, training/convert.py)
 data: {type: moving_shapes, num_frames: 8, size: 32}   # keyword arguments of training.data.build_dataset
 train: {...}           # TrainSection below
 sample: {...}          # SampleSection below (optional videos during training)
@@ -30,6 +32,7 @@ class ModelSection:
     preset: Optional[str] = None
     config: dict = field(default_factory=dict)
     init_from: Optional[str] = None
+    skip_init: str = "paper"  # "paper" | "pass_through": how new skip branches start (training/convert.py)
 
 
 @dataclass
@@ -84,6 +87,7 @@ SECTIONS = {"model": ModelSection, "train": TrainSection, "sample": SampleSectio
 FAMILIES = ("dit", "latte", "latte_t2v", "wan")  # the families training/ trains
 TEXT_FAMILIES = ("latte_t2v", "wan")
 TRAINABLE = ("all", "skip_branches")
+SKIP_INITS = ("paper", "pass_through")
 
 
 class ConfigError(ValueError):
@@ -138,6 +142,8 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
     if flow and cfg.sample.every and cfg.sample.sampler != "euler":
         raise ConfigError(f"{source}: a {cfg.model.family} model samples with euler (flow matching), "
                           f"not sample.sampler {cfg.sample.sampler!r}")
+    if cfg.model.skip_init not in SKIP_INITS:
+        raise ConfigError(f"{source}: model.skip_init must be one of {', '.join(SKIP_INITS)}, got {cfg.model.skip_init!r}")
     if cfg.train.trainable not in TRAINABLE:
         raise ConfigError(f"{source}: train.trainable must be one of {', '.join(TRAINABLE)}, got {cfg.train.trainable!r}")
     if "type" not in cfg.data:

@@ -40,6 +40,7 @@ from skipdit_core.loading import DTYPES, inspect_checkpoint, save_safetensors
 from skipdit_core.shape_prompts import save_class_embeds
 
 from .config import TrainConfig, load_config
+from .convert import calibrate_pass_through
 from .data import build_dataset
 from .objective import make_objective
 
@@ -53,10 +54,15 @@ SKIP_PREFIXES = ("skip_norms.", "skip_linears.")
 def build_model(cfg: TrainConfig, log=print) -> torch.nn.Module:
     """The model of `cfg.model`; with init_from, initialised from that checkpoint. A vanilla checkpoint
     loaded into a Skip-DiT config gets freshly initialised skip branches (the paper's conversion)."""
+    return _build_model(cfg, log)[0]
+
+
+def _build_model(cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, list[str]]:
+    """(model, names of the skip-branch tensors the init_from checkpoint lacked)."""
     spec = cfg.model
     if spec.init_from is None:
         config = models.make_config(spec.family, spec.config, spec.preset)
-        return models.build_model(spec.family, config)
+        return models.build_model(spec.family, config), []
     source = resolve_init_from(spec.init_from)
     ckpt = inspect_checkpoint(source, spec.family)
     if ckpt.family != spec.family:
@@ -78,7 +84,19 @@ def build_model(cfg: TrainConfig, log=print) -> torch.nn.Module:
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
     log(f"initialised from {source}: {len(sd)} tensors loaded"
         + (f", {len(new)} skip-branch tensors new (vanilla -> Skip-DiT)" if new else ""))
-    return model
+    return model, new
+
+
+def start_pass_through(model: torch.nn.Module, cfg: TrainConfig, dataset, objective) -> list[tuple[float, float]]:
+    """model.skip_init = pass_through: calibrate the new skip branches (training/convert.py) on the dataset's first
+    batch_size items, noised by a generator of the run's seed: the same batch on every process."""
+    items = [dataset[i] for i in range(min(cfg.train.batch_size, len(dataset)))]
+    batch = torch.utils.data.default_collate(items)
+    x0, cond, _ = model_inputs(cfg.model.family, batch, getattr(model.config, "num_classes", 0))
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    t = objective.sample_timesteps(x0.shape[0], x0.device, g)
+    x_t = objective.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+    return calibrate_pass_through(model, lambda: model(x_t, objective.model_timesteps(t), **cond))
 
 
 def resolve_init_from(path: str) -> str:
@@ -309,14 +327,22 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     log = accelerator.print
     set_seed(tc.seed, device_specific=True)
 
-    model = build_model(cfg, log)
+    model, new_skip = _build_model(cfg, log)
+    dataset = build_dataset(dict(cfg.data))
+    objective = make_objective(cfg.model.family, model.config, tc.flow_shift)
+    if cfg.model.skip_init == "pass_through":
+        if not new_skip:
+            raise ValueError(f"model.skip_init = pass_through starts new skip branches, but {cfg.model.init_from!r} "
+                             "gives the model all its tensors (set model.skip_init: paper, or init_from a vanilla model)")
+        stats = start_pass_through(model, cfg, dataset, objective)
+        log(f"skip branches started as pass-through, calibrated on {min(tc.batch_size, len(dataset))} items: "
+            f"scale {min(s for s, _ in stats):.3g}..{max(s for s, _ in stats):.3g}")
     groups = select_trainable(model, tc.trainable)
     num_classes = getattr(model.config, "num_classes", 0)
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
-    dataset = build_dataset(dict(cfg.data))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
         generator=torch.Generator().manual_seed(tc.seed),
@@ -327,7 +353,6 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     ema.to(accelerator.device)
     # The EMA joins accelerate's state in float32 (the exported ema.safetensors may be fp16).
     accelerator.register_for_checkpointing(ema)
-    objective = make_objective(cfg.model.family, ema.config, tc.flow_shift)
     class_embeds = dataset_class_embeds(dataset)
 
     step, checkpoint = 0, None

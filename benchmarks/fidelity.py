@@ -4,6 +4,13 @@ vanilla twin, same seeds and classes, each cached video compared with its own mo
     python benchmarks/fidelity.py --grid               # writes docs/benchmarks/*.png and prints the tables
     python benchmarks/fidelity.py --pair deep --grid --forecasts 0 1 2 --skip-peers taylorseer   # the 14-unit twins
     python benchmarks/fidelity.py --classes 0 1 --seeds 0 --steps 20   # a quick look
+    python benchmarks/fidelity.py --pair deep --presets --seeds 4 5 6 7 --repeats 0   # the presets, held out
+    python benchmarks/fidelity.py --pair wan --presets --seeds 4 5 6 7 --repeats 0    # the trained Wan, held out
+
+A pair may be one model (`wan`: the trained Wan has no long skips; Skip-Cache and the peers run on it alike).
+`--presets`: the Skip-Cache rows are the family's presets (skipdit_core/skip_cache_presets.py, chosen on other
+seeds), so the comparison at equal compute uses no choice made on the reported seeds. `--repeats 0`: fidelity
+and block compute only, no timing.
 
 Per setting: PSNR and SSIM (frames in [-1, 1]) of the cached video against the uncached one of the same
 model, class and seed, and the measured speedup (uncached seconds / cached seconds of the same trajectory),
@@ -38,11 +45,14 @@ MODELS = os.path.join(HERE, "models")
 PAIRS = {  # (skip model, vanilla twin)
     "demo": (str(DEMO_MODEL), str(VANILLA_TWIN)),
     "deep": (os.path.join(MODELS, "deep-skip-latte.safetensors"), os.path.join(MODELS, "deep-latte-vanilla.safetensors")),
+    "wan": (os.path.join(MODELS, "wan-shapes.safetensors"),) * 2,  # docs/wan-shapes.md: no long skips
 }
+LATTE_ONLY = {"pab", "fastercache"}  # spatial / temporal attention of a Latte (peer_caches refuses a Wan)
 from skipdit_core.loading import load_model  # noqa: E402
 from skipdit_core.media import psnr, ssim  # noqa: E402
 from skipdit_core.pipeline import Request, generate, to_frames  # noqa: E402
 from skipdit_core.plots import pyplot, save  # noqa: E402
+from skipdit_core.shape_prompts import class_text  # noqa: E402
 
 
 # The peers' settings, mild to aggressive (knobs: benchmarks/peer_caches.py).
@@ -58,10 +68,28 @@ PEERS = {
     # two, and F2B1 with the calibrator; warm-up 8 steps (cache-dit's default)
     "cachedit": ("cache-dit DBCache", [{"Fn": 1, "Bn": 0, "threshold": v} for v in (0.02, 0.04, 0.08)]
                  + [{"Fn": 1, "Bn": 0, "threshold": v, "taylorseer_order": 1} for v in (0.04, 0.08)]
-                 + [{"Fn": 2, "Bn": 1, "threshold": 0.08, "taylorseer_order": 1}]),
+                 + [{"Fn": 2, "Bn": 1, "threshold": 0.08, "taylorseer_order": 1}]
+                 # its newer calibrators (cache-dit 1.5.x): FoCa and DMD, at the threshold of the TaylorSeer one
+                 + [{"Fn": 1, "Bn": 0, "threshold": 0.08, "calibrator": c} for c in ("foca", "dmd")]),
+    # Spectrum: every 2nd / 3rd step, then the authors' growing window (14 of 50 steps full) and a sparser one
+    "spectrum": ("Spectrum", [{"interval": 2, "grow": 0.0}, {"interval": 3, "grow": 0.0}, {},
+                              {"interval": 3}]),
 }
 CALIBRATION_SEED = 99  # MagCache calibrates on a trajectory outside the compared ones
 assert set(PEERS) == set(METHODS)
+
+
+def class_requests(model, family: str, classes, seeds, steps: int = 50, guidance: float = 4.0, frames: int = 8,
+                   size: int = 8) -> list[Request]:
+    """One request per (class, seed) for the trained shape models: a class label for Latte (DDIM, its own frames
+    and size), the class's fixed prompt embedding for the trained Wan (Euler, shift 5; `frames` x `size` px, the
+    wan-shapes data's 8 x 8 by default; docs/wan-shapes.md)."""
+    c = model.config
+    if family == "wan":
+        return [Request("wan", text=class_text(k, c.text_len, c.text_dim), frames=frames, size=size, steps=steps,
+                        guidance=guidance, seed=s) for k in classes for s in seeds]
+    return [Request(family, label=k, frames=c.num_frames, size=c.input_size, sampler="ddim", steps=steps,
+                    guidance=guidance, seed=s) for k in classes for s in seeds]
 
 
 def lpips_metric():
@@ -116,9 +144,13 @@ def skip_cache_method(cache) -> str:
 
 
 def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecasts=(0,), damping: float = 1.0,
-                    empty: bool = False) -> list[dict]:
+                    empty: bool = False, presets: dict | None = None) -> list[dict]:
+    """One row per setting of the grid, or per preset ({name: SkipCacheConfig}) when `presets` is given."""
     rows = []
-    for cache in settings(intervals, windows, 1, grid, tuple(forecasts), damping, empty=empty)[1:]:
+    caches = (list(presets.values()) if presets is not None
+              else settings(intervals, windows, 1, grid, tuple(forecasts), damping, empty=empty)[1:])
+    names = {id(c): name for name, c in (presets or {}).items()}
+    for cache in caches:
         fractions = []  # one per run: the mean over trajectories, not the last one's
 
         def run(req, cache=cache):
@@ -127,7 +159,8 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
             return result
 
         window = f"{cache.start:g}->{cache.end:g}"
-        rows.append({"method": skip_cache_method(cache), "setting": label(cache),
+        rows.append({"method": "Skip-Cache preset" if presets is not None else skip_cache_method(cache),
+                     "setting": (f"preset {names[id(cache)]}: " if id(cache) in names else "") + label(cache),
                      "interval": cache.interval, "window": window, "forecast": cache.forecast, "empty": cache.empty_steps,
                      **traj.compare(run),
                      "compute": sum(fractions) / len(fractions)})
@@ -217,7 +250,7 @@ def plot(rows: list[dict], path: str, x_axis: str = "speedup", title: str = "dem
     else:
         ax.set_xlabel("measured speedup (uncached seconds / cached seconds)")
     ax.set_ylabel("PSNR to its own uncached output (dB)")
-    ax.set_title(f"Skip-Cache on the Skip-Latte vs caches on its vanilla twin ({title})", fontsize=10)
+    ax.set_title(f"Skip-Cache vs the peer caches ({title})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     save(fig, path)
@@ -226,7 +259,10 @@ def plot(rows: list[dict], path: str, x_axis: str = "speedup", title: str = "dem
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=list(PAIRS), default="demo",
-                   help="demo: the bundled 6-unit pair; deep: the 14-unit pair of benchmarks/models/ (Latte-XL/2's depth)")
+                   help="demo: the bundled 6-unit pair; deep: the 14-unit pair of benchmarks/models/ (Latte-XL/2's depth); "
+                        "wan: the trained 30-block Wan, one model (docs/wan-shapes.md)")
+    p.add_argument("--presets", action="store_true",
+                   help="the Skip-Cache rows are the family's presets (chosen on other seeds) instead of the grid")
     p.add_argument("--model", help="a Skip-Latte (default: the pair's)")
     p.add_argument("--twin", help="its vanilla twin (default: the pair's)")
     p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
@@ -244,9 +280,11 @@ def main() -> None:
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     p.add_argument("--windows", nargs="+", default=WINDOWS)
     p.add_argument("--grid", action="store_true", help="every interval in every window")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", choices=list(METHODS),
+                   help="default: every peer that applies to the family (Wan: all but PAB and FasterCache)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs of each trajectory, uncached and cached alternating (the fastest of each kept)")
+                   help="timed runs of each trajectory, uncached and cached alternating (the fastest of each kept); "
+                        "0: no timing (fidelity and block compute only)")
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "benchmarks"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -254,16 +292,24 @@ def main() -> None:
     torch.manual_seed(0)
     lpips_fn = lpips_metric()
     model_path, twin_path = args.model or PAIRS[args.pair][0], args.twin or PAIRS[args.pair][1]
-    skip, _ = load_model(model_path)
-    twin, _ = load_model(twin_path)
-    c = skip.config
-    requests = [Request("latte", label=k, frames=c.num_frames, size=c.input_size, sampler="ddim", steps=args.steps,
-                        guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
+    skip, ckpt = load_model(model_path)
+    twin = skip if twin_path == model_path else load_model(twin_path)[0]
+    skip.eval(), twin.eval()
+    family = ckpt.family
+    methods = args.methods if args.methods is not None else [m for m in METHODS if family == "latte" or m not in LATTE_ONLY]
+    requests = class_requests(skip, family, args.classes, args.seeds, args.steps, args.guidance)
+    presets = None
+    if args.presets:
+        from skipdit_core.skip_cache_presets import PRESETS
+
+        presets = PRESETS[(family, skip.stack.num_skips > 0)]
+    timed = args.repeats > 0
     with torch.no_grad():
-        skip_traj = Trajectories(skip, requests, lpips_fn, args.repeats)
+        skip_traj = Trajectories(skip, requests, lpips_fn, max(args.repeats, 1), timed)
         skip_rows = skip_cache_rows(skip_traj, args.intervals, args.windows, args.grid, args.forecasts, args.forecast_damping,
-                                    args.empty)
-        peers = peer_rows(Trajectories(twin, requests, lpips_fn, args.repeats), args.methods)
+                                    args.empty, presets)
+        twin_traj = skip_traj if twin is skip else Trajectories(twin, requests, lpips_fn, max(args.repeats, 1), timed)
+        peers = peer_rows(twin_traj, methods)
         on_skip = peer_rows(skip_traj, args.skip_peers, " (skip model)")
     rows = skip_rows + peers + on_skip
     os.makedirs(args.out, exist_ok=True)
@@ -271,25 +317,35 @@ def main() -> None:
     png = os.path.join(args.out, f"fidelity-vs-speedup{suffix}.png")
     png_compute = os.path.join(args.out, f"fidelity-vs-compute{suffix}.png")
     title = f"{args.pair} pair, {skip.stack.num_units} units"
-    plot(rows, png, "speedup", title)
+    if timed:
+        plot(rows, png, "speedup", title)
     plot(rows, png_compute, "compute", title)
     if args.json:
         print(json.dumps(rows, indent=2))
+    sampler = "Euler (shift 5)" if family == "wan" else "DDIM"
     print(f"{model_path} vs {twin_path}: {skip.stack.num_units} units; {len(requests)} trajectories "
-          f"({len(args.classes)} classes x {len(args.seeds)} seeds), DDIM {args.steps}, guidance {args.guidance}; "
+          f"({len(args.classes)} classes x seeds {args.seeds}), {sampler} {args.steps}, guidance {args.guidance}; "
           f"SSIM: Gaussian 11x11 (= torchmetrics); LPIPS {'alex' if lpips_fn else 'n/a (lpips cannot load here)'}")
-    print("| method | setting | block compute | speedup | PSNR dB | SSIM | LPIPS |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| method | setting | block compute | speedup | PSNR dB mean (min..max) | SSIM mean (min..max) | LPIPS |")
+    print("|---|---|---:|---:|---|---|---:|")
     for r in rows:
         lp = "n/a" if math.isnan(r["lpips"]) else f"{r['lpips']:.4f}"
-        print(f"| {r['method']} | {r['setting']} | {r['compute']:.0%} | {r['speedup']:.2f}x | {r['psnr']:.2f} | "
-              f"{r['ssim']:.4f} | {lp} |")
-    families = [("Skip-Cache, reuse (the paper)", [r for r in skip_rows if r["forecast"] == 0])]
-    if any(r["forecast"] for r in skip_rows):
-        families.append(("Skip-Cache, any forecast order", [r for r in skip_rows if not r["empty"]]))
-    if any(r["empty"] for r in skip_rows):
-        families.append(("Skip-Cache, any setting (forecast, empty steps, warm-up)", skip_rows))
-    for axis, what in (("compute", "share of block compute (the machine-independent axis)"), ("speedup", "measured speedup")):
+        speed = f"{r['speedup']:.2f}x" if timed else "n/a"
+        print(f"| {r['method']} | {r['setting']} | {r['compute']:.1%} | {speed} | {r['psnr']:.2f} "
+              f"({r['psnr_min']:.2f}..{r['psnr_max']:.2f}) | {r['ssim']:.4f} ({r['ssim_min']:.4f}..{r['ssim_max']:.4f}) | "
+              f"{lp} |")
+    if presets is not None:
+        families = [("the Skip-Cache presets (chosen on other seeds)", skip_rows)]
+    else:
+        families = [("Skip-Cache, reuse (the paper)", [r for r in skip_rows if r["forecast"] == 0])]
+        if any(r["forecast"] for r in skip_rows):
+            families.append(("Skip-Cache, any forecast order", [r for r in skip_rows if not r["empty"]]))
+        if any(r["empty"] for r in skip_rows):
+            families.append(("Skip-Cache, any setting (forecast, empty steps, warm-up)", skip_rows))
+    axes = [("compute", "share of block compute (the machine-independent axis)")]
+    if timed:
+        axes.append(("speedup", "measured speedup"))
+    for axis, what in axes:
         for name, ours in [(name, ours) for name, ours in families if ours]:
             print(f"\nAt equal {what}, {name} against the peers on the twin:")
             lines = equal_speedup_check(ours, peers + on_skip, axis)
@@ -298,7 +354,7 @@ def main() -> None:
             closer = sum("Skip-Cache closer" in line for line in lines)
             compared = sum("no comparison" not in line for line in lines)
             print(f"  -> Skip-Cache closer in {closer} of {compared} comparable peer settings")
-    print(f"\nplots: {os.path.relpath(png)}, {os.path.relpath(png_compute)}")
+    print(f"\nplots: {', '.join(os.path.relpath(f) for f in ((png,) if timed else ()) + (png_compute,))}")
 
 
 if __name__ == "__main__":

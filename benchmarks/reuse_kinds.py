@@ -20,11 +20,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from fidelity import Trajectories  # noqa: E402
+from fidelity import Trajectories, class_requests  # noqa: E402
 
 from skipdit_core.loading import load_model  # noqa: E402
-from skipdit_core.pipeline import Request, generate  # noqa: E402
-from skipdit_core.shape_prompts import class_text  # noqa: E402
+from skipdit_core.pipeline import generate  # noqa: E402
 from skipdit_core.skip_cache import REUSE_KINDS, SkipCacheConfig  # noqa: E402
 
 
@@ -50,13 +49,8 @@ def main() -> None:
     print(f"model: {args.model} ({ckpt.family}, {model.stack.num_units} units, {model.stack.num_skips} long skips); "
           f"classes {args.classes}, seeds {args.seeds}: {len(args.classes) * len(args.seeds)} trajectories, "
           f"{sampler} {args.steps}, guidance {args.guidance}, k={args.depth}")
-    c = model.config
-    if ckpt.family == "wan":  # the trained Wan of docs/wan-shapes.md: classes are fixed prompt embeddings; Euler, shift 5
-        requests = [Request("wan", text=class_text(k, c.text_len, c.text_dim), frames=args.frames, size=args.size,
-                            steps=args.steps, guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
-    else:
-        requests = [Request(ckpt.family, label=k, frames=c.num_frames, size=c.input_size, sampler="ddim",
-                            steps=args.steps, guidance=args.guidance, seed=s) for k in args.classes for s in args.seeds]
+    requests = class_requests(model, ckpt.family, args.classes, args.seeds, args.steps, args.guidance, args.frames,
+                              args.size)
     torch.set_grad_enabled(False)
     traj = Trajectories(model, requests, lpips_fn=None, timed=False)
     print("| n | window | forecast | block compute | state: PSNR mean (min..max) | SSIM | residual: PSNR mean (min..max) | SSIM | closer |")

@@ -10,6 +10,7 @@ the uncached trajectory runs first and again last, and the faster of the two is 
     python benchmarks/speed.py --family dit       # DiT-XL/2, 16x16 latent
     python benchmarks/speed.py --family hunyuan   # Hunyuan-DiT v1.2, 16x16 latent, 77 + 256 text tokens
     python benchmarks/speed.py --family latte --device cuda --dtype bf16 --frames 16 --size 32
+    python benchmarks/speed.py --family latte --presets --repeats 2   # the Skip-Cache presets (docs/presets.md)
 
 Settings: uncached; n = 2..6 in the first window; every other window at n = 2 (`--grid`: every n in
 every window). The bound is 1 / ((1 - f) + f * 2k / L) for the schedule run (f: cached fraction).
@@ -128,6 +129,8 @@ def main() -> None:
     p.add_argument("--empty-steps", type=int, default=0,
                    help="empty_steps of the forecast orders (capped at n - 1): cached steps that run no unit")
     p.add_argument("--forecast-warmup", action="store_true", help="forecast_warmup of the forecast orders")
+    p.add_argument("--presets", action="store_true",
+                   help="time the family's Skip-Cache presets (skipdit_core/skip_cache_presets.py) instead of the sweep")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -147,11 +150,20 @@ def main() -> None:
     def fastest(cache):
         return min((generate(model, req, cache) for _ in range(args.repeats)), key=lambda r: r.seconds)
 
+    if args.presets:
+        from skipdit_core.skip_cache_presets import PRESETS
+
+        named = PRESETS[(args.family, model.stack.num_skips > 0)]
+        caches, names = [None, *named.values()], ["uncached", *named]
+    else:
+        caches = settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts), args.forecast_damping,
+                          args.empty_steps, args.forecast_warmup)
+        names = [None] * len(caches)
     rows = []
-    for cache in settings(args.intervals, args.windows, depth, args.grid, tuple(args.forecasts), args.forecast_damping,
-                          args.empty_steps, args.forecast_warmup):
+    for cache, name in zip(caches, names):
         result = fastest(cache)
         rows.append({
+            **({"preset": name, "setting": cache.describe() if cache else "uncached"} if name else {}),
             "interval": cache.interval if cache else 1,
             "forecast": cache.forecast if cache else 0,
             "empty": cache.empty_steps if cache else 0,
@@ -176,6 +188,12 @@ def main() -> None:
         return
     print(title)
     empty = any(r["empty"] for r in rows)  # the empty column only where some setting has empty steps
+    if args.presets:
+        print(f"{'preset':>8} {'setting':<48} {'seconds':>8} {'speedup':>8} {'bound':>6} {'of bound':>9}")
+        for r in rows:
+            print(f"{r['preset']:>8} {r['setting']:<48} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x "
+                  f"{r['of_bound']:>8.1%}")
+        return
     print(f"{'n':>3} {'window':>9} {'forecast':>8}" + (f" {'empty':>5}" if empty else "")
           + f" {'full':>5} {'cached':>6} {'seconds':>8} {'speedup':>8} {'bound':>6} {'of bound':>9}")
     for r in rows:

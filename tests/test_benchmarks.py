@@ -48,7 +48,8 @@ def test_fidelity_compares_skip_cache_and_every_peer(tmp_path):
     table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     methods = {line.split(" | ")[0][2:] for line in table}
     assert methods == {"Skip-Cache", "Skip-Cache + forecast 2", "Skip-Cache + forecast 2, empty steps", "First Block Cache",
-                       "PAB", "FasterCache", "TaylorSeer", "MagCache", "cache-dit DBCache", "TaylorSeer (skip model)"}
+                       "PAB", "FasterCache", "TaylorSeer", "MagCache", "cache-dit DBCache", "Spectrum",
+                       "TaylorSeer (skip model)"}
     assert "| n=2 1000->0 forecast 2 empty 1 warmup |" in out
     assert "At equal measured speedup, Skip-Cache, reuse (the paper)" in out
     assert "At equal share of block compute (the machine-independent axis), Skip-Cache, any forecast order" in out

@@ -553,16 +553,17 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=cmd_presets)
 
     enc = sub.add_parser(
-        "encode-text", help="captions -> text-encoder states for --text-embeddings or training sidecars (Latte T2V, Hunyuan-DiT)",
+        "encode-text", help="captions -> text-encoder states for --text-embeddings or training sidecars (Latte T2V, Hunyuan-DiT, Wan)",
         description="Encode captions with local text encoders (transformers, nothing downloaded; pip install '.[text]'). "
                     "A file holds prompt_embeds (B, L, D) float32, prompt_attention_mask (B, L) int64, Hunyuan-DiT also "
                     "prompt_embeds_2 / prompt_attention_mask_2 (mT5), and with --prompt / --captions the negative_* of "
                     "--negative-prompt for guidance; B = 1 but for --captions into one .safetensors; L: the max length, "
-                    "states padded to it.")
-    enc.add_argument("--family", required=True, choices=list(models.FAMILIES), help="latte_t2v (T5) or hunyuan (BERT + mT5)")
+                    "states padded to it (Wan: umT5 states of the padding zeroed, as WanPipeline gives them).")
+    enc.add_argument("--family", required=True, choices=list(models.FAMILIES), help="latte_t2v (T5), hunyuan (BERT + mT5) or wan (umT5-XXL)")
     enc.add_argument("--text-encoder", required=True, metavar="DIR",
-                     help="Latte T2V's T5 or Hunyuan-DiT's BERT: a transformers folder (config.json, weights, tokenizer) "
-                          "or a diffusers pipeline folder with text_encoder/ + tokenizer/")
+                     help="Latte T2V's T5, Hunyuan-DiT's BERT or Wan's umT5-XXL: a transformers folder (config.json, "
+                          "weights, tokenizer) or a diffusers pipeline folder with text_encoder/ + tokenizer/ "
+                          "(e.g. Wan2.1-T2V-1.3B-Diffusers)")
     enc.add_argument("--text-encoder-2", metavar="DIR",
                      help="Hunyuan-DiT's mT5 (default: text_encoder_2/ + tokenizer_2/ of a pipeline folder given as --text-encoder)")
     what = enc.add_mutually_exclusive_group(required=True)
@@ -572,11 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "number, each for skipdit sample; or, OUTPUT a .safetensors path, one file with row i the "
                            "i-th caption, for skipdit sample-many")
     what.add_argument("--caption-dir", metavar="DIR",
-                      help="Latte T2V training data: for every video under DIR (recursive) its caption <name>.txt -> "
+                      help="Latte T2V / Wan training data: for every video under DIR (recursive) its caption <name>.txt -> "
                            "<name>.safetensors beside it, the sidecar video_folder reads (prompt only, no negative)")
     enc.add_argument("-o", "--output", help="a .safetensors file (--prompt), a folder or a .safetensors file (--captions)")
     enc.add_argument("--negative-prompt", help="the unconditional half of guidance (default: the empty prompt, as the pipelines)")
-    enc.add_argument("--max-length", type=int, help="tokens of the first encoder (default: Latte T2V 120, Hunyuan-DiT 77)")
+    enc.add_argument("--max-length", type=int, help="tokens of the first encoder (default: Latte T2V 120, Hunyuan-DiT 77, Wan 512)")
     enc.add_argument("--max-length-2", type=int, help="tokens of Hunyuan-DiT's mT5 (default 256)")
     enc.add_argument("--batch-size", type=int, default=8, help="captions encoded at a time")
     enc.add_argument("--device", help="default: cuda if available, else cpu")

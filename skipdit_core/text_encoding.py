@@ -6,12 +6,16 @@ per-video sidecars of training's `video_folder` (`skipdit encode-text`). Needs `
 | latte_t2v | T5 v1.1 XXL, 4096 (--text-encoder)        | prompt_embeds, prompt_attention_mask      | 120    |
 | hunyuan   | CLIP-like BERT, 1024 (--text-encoder)     | prompt_embeds, prompt_attention_mask      | 77     |
 |           | mT5-XL, 2048 (--text-encoder-2)           | prompt_embeds_2, prompt_attention_mask_2  | 256    |
+| wan       | umT5-XXL, 4096 (--text-encoder)           | prompt_embeds, prompt_attention_mask      | 512    |
 
 A caption is tokenised as diffusers' LattePipeline / HunyuanDiTPipeline do (padded to the max length,
 truncated, special tokens added) and encoded with its attention mask; the states are the encoder's last hidden
 state. Stored: states float32 (B, L, D), masks int64 (B, L), 1 = token, 0 = padding, whatever dtype the
 encoder ran in. Latte T2V captions are lowercased and stripped first, as its pipeline does (its optional
-bs4 / ftfy caption cleaning is not done).
+bs4 / ftfy caption cleaning is not done). Wan captions are cleaned as diffusers' WanPipeline `prompt_clean` does
+(ftfy's fix_text when ftfy is installed, HTML entities unescaped twice, runs of whitespace made one space), and the
+states of the padding tokens are zeros, as its `_get_t5_prompt_embeds` gives them (it keeps the first
+mask-sum states and pads with zeros); the mask is stored as well, which the Wan model does not take.
 
 The unconditional half of guidance, `negative_*`: the encoding of the negative prompt ("" by default, as both
 pipelines). Latte T2V's pipeline (mask_feature=True) cuts the prompt's and the negative's states to the
@@ -30,8 +34,10 @@ t2i/clip_text_encoder/ + t2i/tokenizer/ and t2i/mt5/, works too). Only local fil
 """
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -43,7 +49,11 @@ from .loading import write_safetensors
 # The videos --caption-dir writes sidecars for; training/data.py's VideoFolder reads the same ones.
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt")
-T5_TYPES = ("t5", "mt5")  # T5EncoderModel / MT5EncoderModel (umT5 is another architecture)
+# config.json model_type of each encoder kind: T5EncoderModel / MT5EncoderModel, UMT5EncoderModel (Wan's umT5, another
+# architecture: a relative position bias per layer); any other type is a BERT-like AutoModel ("bert" kind).
+ENCODER_TYPES = {"t5": ("t5", "mt5"), "umt5": ("umt5",)}
+T5_TYPES = ENCODER_TYPES["t5"] + ENCODER_TYPES["umt5"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class TextEncodingError(ValueError):
@@ -56,11 +66,16 @@ class Slot:
 
     states_key: str
     mask_key: str
-    t5: bool  # a T5 encoder (T5EncoderModel), else a BERT-like AutoModel
+    kind: str  # "t5" (T5EncoderModel / MT5EncoderModel), "umt5" (UMT5EncoderModel) or "bert" (a BERT-like AutoModel)
     max_length: int
     name: str
     option: str  # the `skipdit encode-text` option that gives its folder
     subfolder: str  # its folder inside a diffusers pipeline folder
+    zero_padding: bool = False  # the states of padding tokens are zeros (Wan's pipeline), else the encoder's output
+
+    @property
+    def described(self) -> str:
+        return {"t5": "a T5 model", "umt5": "a umT5 model"}.get(self.kind, "not a T5 model")
 
     @property
     def tokenizer_subfolder(self) -> str:
@@ -69,28 +84,48 @@ class Slot:
 
 TEXT_FAMILIES: dict[str, tuple[Slot, ...]] = {
     "latte_t2v": (
-        Slot("prompt_embeds", "prompt_attention_mask", True, 120, "T5 encoder (t5-v1_1-xxl)", "--text-encoder", "text_encoder"),
+        Slot("prompt_embeds", "prompt_attention_mask", "t5", 120, "T5 encoder (t5-v1_1-xxl)", "--text-encoder", "text_encoder"),
     ),
     "hunyuan": (
-        Slot("prompt_embeds", "prompt_attention_mask", False, 77, "CLIP-like BERT encoder", "--text-encoder", "text_encoder"),
-        Slot("prompt_embeds_2", "prompt_attention_mask_2", True, 256, "mT5 encoder", "--text-encoder-2", "text_encoder_2"),
+        Slot("prompt_embeds", "prompt_attention_mask", "bert", 77, "CLIP-like BERT encoder", "--text-encoder", "text_encoder"),
+        Slot("prompt_embeds_2", "prompt_attention_mask_2", "t5", 256, "mT5 encoder", "--text-encoder-2", "text_encoder_2"),
+    ),
+    # Wan 2.1 / 2.2: umT5-XXL, 512 tokens (WanPipeline's max_sequence_length), padding states zeroed as it does
+    "wan": (
+        Slot("prompt_embeds", "prompt_attention_mask", "umt5", 512, "umT5-XXL encoder", "--text-encoder", "text_encoder",
+             zero_padding=True),
     ),
 }
+# The families whose text training/ trains on (`--caption-dir` writes their video_folder sidecars).
+TRAINED_FAMILIES = ("latte_t2v", "wan")
 
 
 def text_slots(family: str) -> tuple[Slot, ...]:
-    if family == "wan":  # umT5 (UMT5EncoderModel) is not among the encoders this module loads
-        raise TextEncodingError("encode-text does not run Wan's umT5-XXL encoder: give `skipdit sample` a file of "
-                                "prompt_embeds (1, L, 4096), e.g. from diffusers' WanPipeline.encode_prompt")
     if family not in TEXT_FAMILIES:
         raise TextEncodingError(f"family {family!r} has no text conditioning; text families: "
                                 + ", ".join(f"{f} ({' + '.join(s.name for s in slots)})" for f, slots in TEXT_FAMILIES.items()))
     return TEXT_FAMILIES[family]
 
 
+def _wan_prompt_clean(text: str) -> str:
+    """diffusers' WanPipeline `prompt_clean`: ftfy.fix_text when ftfy is installed (as the pipeline checks), HTML
+    entities unescaped twice, whitespace runs collapsed to one space, stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def prepare_caption(family: str, caption: str) -> str:
-    """The text the tokenizer sees: Latte T2V's pipeline lowercases and strips (without its optional cleaning)."""
-    return caption.lower().strip() if family == "latte_t2v" else caption.strip()
+    """The text the tokenizer sees: Latte T2V's pipeline lowercases and strips (without its optional cleaning),
+    Wan's cleans as its `prompt_clean`."""
+    if family == "latte_t2v":
+        return caption.lower().strip()
+    return _wan_prompt_clean(caption) if family == "wan" else caption.strip()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -163,6 +198,8 @@ class TextEncoder:
         if not torch.isfinite(states).all():
             raise TextEncodingError(f"the {self.slot.name} in {self.folder!r} gave inf / NaN states in {states.dtype} "
                                     "(T5 overflows in fp16): use --dtype bf16 or fp32")
+        if self.slot.zero_padding:  # Wan's pipeline: the first mask-sum states, then zeros (padding is on the right)
+            states = torch.where(mask[..., None].bool(), states, torch.zeros((), dtype=states.dtype, device=device))
         return states.float().cpu(), mask.to(torch.int64).cpu()
 
 
@@ -170,16 +207,20 @@ def _checked_folders(folder: str, slot: Slot) -> tuple[str, str, str]:
     """(model folder, tokenizer folder, model type), refused before anything loads when it is not the slot's."""
     model_dir, tokenizer_dir = _folders(folder, slot)
     model_type = _model_type(model_dir)
-    if slot.t5 != (model_type in T5_TYPES):
+    expected = ENCODER_TYPES.get(slot.kind)
+    if (model_type not in expected) if expected else (model_type in T5_TYPES):
         raise TextEncodingError(f"{slot.option} {folder!r}: {model_dir}/config.json is a {model_type or 'untyped'!r} model, "
-                                f"expected the {slot.name} ({'a T5' if slot.t5 else 'not a T5'} model)")
+                                f"expected the {slot.name} ({slot.described})")
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(model_dir)):
+        raise TextEncodingError(f"{slot.option} {folder!r}: {model_dir!r} has a config.json but no weights "
+                                "(*.safetensors or pytorch_model*.bin, with their index when sharded)")
     return model_dir, tokenizer_dir, model_type
 
 
 def load_text_encoder(folder: str, slot: Slot, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
     model_dir, tokenizer_dir, model_type = _checked_folders(folder, slot)
     try:
-        from transformers import AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel
+        from transformers import AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
     except ImportError as e:
         raise TextEncodingError("encoding text needs transformers: pip install 'comfyui-skipdit[text]'") from e
     try:
@@ -190,7 +231,7 @@ def load_text_encoder(folder: str, slot: Slot, device="cpu", dtype: torch.dtype 
         raise TextEncodingError(f"could not load the tokenizer in {tokenizer_dir!r}: {e}{hint}") from e
     if tokenizer.pad_token is None:
         raise TextEncodingError(f"the tokenizer in {tokenizer_dir!r} has no padding token: states are padded to a fixed length")
-    cls = (MT5EncoderModel if model_type == "mt5" else T5EncoderModel) if slot.t5 else AutoModel
+    cls = {"t5": MT5EncoderModel if model_type == "mt5" else T5EncoderModel, "umt5": UMT5EncoderModel}.get(slot.kind, AutoModel)
     try:
         model = cls.from_pretrained(model_dir, local_files_only=True, **_dtype_kwarg(dtype))
     except (OSError, ValueError) as e:
@@ -340,9 +381,9 @@ def plan_outputs(family: str, *, prompt: Optional[str] = None, captions: Optiona
     if sum(x is not None for x in (prompt, captions, caption_dir)) != 1:
         raise TextEncodingError("give one of a prompt, a caption file or a caption folder")
     if caption_dir is not None:
-        if family != "latte_t2v":
-            raise TextEncodingError(f"--caption-dir writes the sidecars training's video_folder reads for latte_t2v; training/ "
-                                    f"does not train {family}: use --prompt or --captions")
+        if family not in TRAINED_FAMILIES:
+            raise TextEncodingError(f"--caption-dir writes the sidecars training's video_folder reads for "
+                                    f"{', '.join(TRAINED_FAMILIES)}; training/ does not train {family}: use --prompt or --captions")
         if output is not None:
             raise TextEncodingError("--caption-dir writes each sidecar beside its video: no --output")
         return OutputPlan(caption_sidecars(caption_dir), sidecars=True)

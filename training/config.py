@@ -58,6 +58,9 @@ class TrainSection:
     flow_shift: Optional[float] = None  # wan: the shift of the training sigma draw; null: 5 (WAN_SHIFT, the sampler's)
     text_dropout: float = 0.0  # text families: chance that a sample's text states are zeroed (the empty prompt of
     #                            guidance's unconditional half), as class_dropout_prob does for class labels
+    activation_checkpointing: bool = False  # recompute each of model.blocks' activations in the backward pass (Wan:
+    #                            memory for long clips); under FSDP the accelerate config's fsdp_activation_checkpointing
+    #                            does it instead when set
 
 
 @dataclass

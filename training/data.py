@@ -238,15 +238,28 @@ def _decode_frames(path: str, indices: list[int]) -> torch.Tensor:
     return torch.stack([frames.get(j, end) for j in indices])
 
 
-def _resize_center_crop_video(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """(F, 3, H, W) float -> (F, 3, size, size): shorter side to `size` (bilinear, antialiased), centre crop."""
+def _frame_size(size) -> tuple[int, int]:
+    """A clip's (height, width): `size` an int (square) or [height, width]."""
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            raise ValueError(f"size must be an int or [height, width], got {size!r}")
+        return int(size[0]), int(size[1])
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise ValueError(f"size must be an int or [height, width], got {size!r}")
+    return size, size
+
+
+def _resize_center_crop_video(frames: torch.Tensor, size) -> torch.Tensor:
+    """(F, 3, H, W) float -> (F, 3, height, width) (`size` an int: square): scaled (bilinear, antialiased) to cover
+    height x width, then centre-cropped."""
+    th, tw = _frame_size(size)
     h, w = frames.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(th / h, tw / w)
+    new_h, new_w = max(th, round(h * scale)), max(tw, round(w * scale))
     if (new_h, new_w) != (h, w):
         frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return frames[..., top:top + size, left:left + size]
+    top, left = (new_h - th) // 2, (new_w - tw) // 2
+    return frames[..., top:top + th, left:left + tw]
 
 
 class VideoFolder(Dataset):
@@ -255,18 +268,19 @@ class VideoFolder(Dataset):
     A clip is `num_frames` frames taken every `frame_interval` frames from a start drawn per item from a
     generator seeded by (seed, i, epoch) (see set_epoch). A video shorter than the clip's span gives the frames
     0, frame_interval, ... that it has, then the last of them repeated. Frames are resized so that the shorter
-    side is `size` (bilinear, antialiased) and centre-cropped.
+    side is `size` (bilinear, antialiased) and centre-cropped; `size` [height, width] gives non-square clips (scaled
+    to cover them, then centre-cropped), e.g. Wan's [480, 832].
 
-    Items: "x" (num_frames, 3, size, size) in [-1, 1]; "label": with class_subfolders=True the index of the
+    Items: "x" (num_frames, 3, height, width) in [-1, 1]; "label": with class_subfolders=True the index of the
     video's first-level subfolder in `.classes` (sorted names), else -1. Text: when `<video without
     extension>.safetensors` exists, its "prompt_embeds" ((1, L, D) or (L, D), as diffusers' encode_prompt gives
     them) and optional "prompt_attention_mask" are returned too. For batching, every sidecar should have the
     same L (pad to a fixed max_sequence_length) and, with require_text=True, every video must have one.
     """
 
-    def __init__(self, root: str, num_frames: int = 16, size: int = 256, frame_interval: int = 1,
+    def __init__(self, root: str, num_frames: int = 16, size=256, frame_interval: int = 1,
                  class_subfolders: bool = False, require_text: bool = False, seed: int = 0):
-        if num_frames < 1 or frame_interval < 1 or size < 1:
+        if num_frames < 1 or frame_interval < 1 or min(_frame_size(size)) < 1:
             raise ValueError(f"need num_frames, frame_interval, size >= 1; got {num_frames}, {frame_interval}, {size}")
         self.root, self.num_frames, self.size, self.frame_interval = root, num_frames, size, frame_interval
         self.seed, self.epoch = seed, 0
@@ -387,15 +401,60 @@ class ImageFolder(Dataset):
 
 # ---------------------------------------------------------------------------- precomputed latents
 
+WAN_VAE = "AutoencoderKLWan"  # diffusers' class of the Wan 2.1 / 2.2 VAE (video in, causal 3-D)
+
+
 def _load_vae(vae_path: str, device, dtype):
+    """A local diffusers VAE folder, or a pipeline folder with vae/: AutoencoderKL, or AutoencoderKLWan (Wan 2.1 /
+    2.2) when its config.json says so."""
     try:
-        from diffusers import AutoencoderKL
+        import diffusers
     except ImportError as e:
         raise ImportError("precompute_latents needs diffusers for the VAE: pip install diffusers") from e
     # A whole pipeline folder has the VAE in vae/; a VAE folder has it at its root.
     subfolder = "vae" if os.path.isfile(os.path.join(vae_path, "vae", "config.json")) else None
-    vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+    config = os.path.join(vae_path, subfolder or "", "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"--vae {vae_path!r}: no config.json (expected a diffusers VAE folder, or a pipeline folder "
+                         "with vae/config.json)")
+    with open(config) as f:
+        class_name = json.load(f).get("_class_name", "AutoencoderKL")
+    if class_name not in ("AutoencoderKL", WAN_VAE):
+        raise ValueError(f"--vae {vae_path!r}: a {class_name}; precompute_latents encodes with AutoencoderKL "
+                         f"(image VAEs, frame by frame) or {WAN_VAE} (Wan 2.1 / 2.2)")
+    cls = getattr(diffusers, class_name)
+    vae = cls.from_pretrained(vae_path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     return vae.to(device).eval()
+
+
+def wan_latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (z_dim,) float32, of a Wan VAE's config: latents are (z - mean) / std, as WanPipeline
+    normalises (it decodes z = latents * std + mean)."""
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
+    if mean.shape != (vae.config.z_dim,) or std.shape != (vae.config.z_dim,):
+        raise ValueError(f"the Wan VAE's latents_mean / latents_std have {mean.numel()} / {std.numel()} entries for "
+                         f"z_dim {vae.config.z_dim}")
+    return mean, std
+
+
+def _wan_encode(vae, x: torch.Tensor, device, dtype, stats) -> torch.Tensor:
+    """Videos (B, F, 3, H, W) or images (B, 3, H, W) in [-1, 1] -> normalised Wan latents (B, F', z, h, w) (an image
+    is a one-frame video: F' = 1), F' = 1 + (F - 1) / temporal factor."""
+    video = x if x.ndim == 5 else x[:, None]
+    frames, (height, width) = video.shape[1], video.shape[-2:]
+    temporal = int(getattr(vae.config, "scale_factor_temporal", None) or 4)
+    spatial = int(getattr(vae.config, "scale_factor_spatial", None) or 8)
+    if (frames - 1) % temporal:
+        raise ValueError(f"the Wan VAE encodes 1 + {temporal} k frames (e.g. 81), the data gives {frames}: "
+                         f"set num_frames to {1 + temporal * max(1, round((frames - 1) / temporal))}")
+    if height % spatial or width % spatial:
+        raise ValueError(f"the Wan VAE needs heights and widths that are multiples of {spatial}, the data gives "
+                         f"{height} x {width}")
+    posterior = vae.encode(video.transpose(1, 2).to(device, dtype)).latent_dist  # (B, 3, F, H, W) in
+    z = posterior.mean.float()  # the mode, as WanPipeline's retrieve_latents(sample_mode="argmax")
+    mean, std = (s.to(z.device).view(1, -1, 1, 1, 1) for s in stats)
+    return ((z - mean) / std).transpose(1, 2).cpu()  # (B, F', z, h, w): the frames-first layout of the data
 
 
 def _save_atomically(write, path: str) -> None:
@@ -409,21 +468,27 @@ def _save_atomically(write, path: str) -> None:
 def precompute_latents(dataset, vae_path: str, out_dir: str, *, batch_size: int = 8, device="cpu",
                        dtype: torch.dtype = torch.float32, repeats: int = 1, shard_size: int = 1024,
                        num_workers: int = 0) -> dict:
-    """Encode every item's "x" with a local diffusers AutoencoderKL and write the latents to `out_dir`.
+    """Encode every item's "x" with a local diffusers VAE and write the latents to `out_dir`.
 
-    Latents are the posterior MEAN times vae.config.scaling_factor (not a sample): deterministic, and the
-    posterior's std is tiny for the SD VAE, so sampling would add noise without adding data. A video
+    AutoencoderKL: latents are the posterior MEAN times vae.config.scaling_factor (not a sample): deterministic,
+    and the posterior's std is tiny for the SD VAE, so sampling would add noise without adding data. A video
     (F, C, H, W) is encoded frame by frame (its frames as one batch) into (F, c, h, w), an image into (c, h, w).
+    AutoencoderKLWan (Wan 2.1: 16 channels, 8x spatial; Wan 2.2: 48 channels, 16x): a video (F, 3, H, W), F = 1 + 4k,
+    is encoded as one causal 3-D clip into (1 + k, z, H / s, W / s), an image as a one-frame video (1, z, h, w); the
+    posterior mean normalised per channel as WanPipeline does, (z - latents_mean) / latents_std (the VAE config's),
+    so the latents are what a Wan model is trained on and samples (no scaling_factor).
     `repeats` encodes the dataset that many times, calling dataset.set_epoch(r) for repeat r when it has one
     (new random crops or flips). batch_size counts items (a batch of videos is batch_size * F frames).
 
     Writes out_dir/latents-00000.safetensors, ... (shard_size items each; keys "x" (N, ...) float32,
     "label" (N,) int64, and "prompt_embeds" / "prompt_attention_mask" when the items have them) and, last,
-    out_dir/info.json (count, shape, scaling_factor, vae_path, shards, ...), which LatentFolder reads back.
-    Returns the info dict.
+    out_dir/info.json (count, shape, scaling_factor, vae_path, vae_class, shards, ...; a Wan VAE's latents_mean and
+    latents_std), which LatentFolder reads back. Returns the info dict.
     """
     vae = _load_vae(vae_path, device, dtype)
-    scaling_factor = float(vae.config.scaling_factor)
+    wan = type(vae).__name__ == WAN_VAE
+    stats = wan_latent_stats(vae) if wan else None
+    scaling_factor = None if wan else float(vae.config.scaling_factor)
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, "info.json")
     if os.path.exists(info_path):  # an interrupted rerun must not look complete with the old info
@@ -445,9 +510,12 @@ def precompute_latents(dataset, vae_path: str, out_dir: str, *, batch_size: int 
             dataset.set_epoch(r)
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
             x = batch["x"]
-            frames = x.flatten(0, 1) if x.ndim == 5 else x  # videos: (B*F, C, H, W), one batch of frames
-            latents = vae.encode(frames.to(device, dtype)).latent_dist.mean * scaling_factor
-            latents = latents.float().cpu().reshape(*x.shape[:-3], *latents.shape[1:])
+            if wan:
+                latents = _wan_encode(vae, x, device, dtype, stats)
+            else:
+                frames = x.flatten(0, 1) if x.ndim == 5 else x  # videos: (B*F, C, H, W), one batch of frames
+                latents = vae.encode(frames.to(device, dtype)).latent_dist.mean * scaling_factor
+                latents = latents.float().cpu().reshape(*x.shape[:-3], *latents.shape[1:])
             shape = list(latents.shape[1:])
             batch = {**batch, "x": latents}
             # Split into shard-sized pieces so that shards hold exactly shard_size items.
@@ -464,8 +532,10 @@ def precompute_latents(dataset, vae_path: str, out_dir: str, *, batch_size: int 
         raise ValueError("precompute_latents: the dataset is empty")
 
     info = {"count": count, "shape": shape, "scaling_factor": scaling_factor, "vae_path": os.path.abspath(vae_path),
-            "shards": shards, "repeats": repeats, "dataset": type(dataset).__name__,
+            "vae_class": type(vae).__name__, "shards": shards, "repeats": repeats, "dataset": type(dataset).__name__,
             "classes": list(getattr(dataset, "classes", []))}
+    if wan:
+        info.update(latents_mean=stats[0].tolist(), latents_std=stats[1].tolist())
 
     def write_info(tmp):
         with open(tmp, "w") as f:
@@ -476,15 +546,17 @@ def precompute_latents(dataset, vae_path: str, out_dir: str, *, batch_size: int 
 
 
 class LatentFolder(Dataset):
-    """Latents written by precompute_latents, all shards loaded into memory.
+    """Latents written by precompute_latents, read item by item from the memory-mapped shards (a Wan dataset with
+    512 x 4096 text states per clip does not fit in memory, let alone once per process).
 
-    Items: "x" (F, c, h, w) for videos or (c, h, w) for images, already multiplied by the VAE's scaling
-    factor (`.scaling_factor`; divide by it before decoding); "label"; and the prompt tensors when they were
-    stored. `.classes` and `.info` come from info.json.
+    Items: "x" (F, c, h, w) for videos or (c, h, w) for images: for an AutoencoderKL already multiplied by its
+    scaling factor (`.scaling_factor`; divide by it before decoding), for a Wan VAE normalised with `.latents_mean`
+    / `.latents_std` (decode latents * std + mean; `.scaling_factor` None); "label"; and the prompt tensors when
+    they were stored. `.classes` and `.info` come from info.json.
     """
 
     def __init__(self, root: str):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         info_path = os.path.join(root, "info.json")
         if not os.path.isfile(info_path):
@@ -492,19 +564,37 @@ class LatentFolder(Dataset):
         with open(info_path) as f:
             self.info = json.load(f)
         self.root, self.scaling_factor, self.classes = root, self.info["scaling_factor"], self.info.get("classes", [])
+        self.latents_mean, self.latents_std = self.info.get("latents_mean"), self.info.get("latents_std")
         # info.json lists the shards of the finished run, so stale shards of an earlier run are ignored.
-        shards = [load_file(os.path.join(root, name)) for name in self.info["shards"]]
-        self.tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
-        if len(self.tensors["x"]) != self.info["count"]:
-            raise ValueError(f"{root!r}: the shards hold {len(self.tensors['x'])} items, info.json says "
-                             f"{self.info['count']}")
+        self.paths = [os.path.join(root, name) for name in self.info["shards"]]
+        sizes = []
+        for path in self.paths:
+            with safe_open(path, "pt") as f:
+                sizes.append(f.get_slice("x").get_shape()[0])
+                keys = sorted(f.keys())
+            if sizes[1:] and keys != self.keys:
+                raise ValueError(f"{path!r} holds {keys}, the first shard {self.keys}")
+            self.keys = keys
+        self.starts = np.cumsum([0] + sizes).tolist()
+        if self.starts[-1] != self.info["count"]:
+            raise ValueError(f"{root!r}: the shards hold {self.starts[-1]} items, info.json says {self.info['count']}")
+        self._open = {}  # shard index -> safe_open handle, opened on first use in each process / worker
 
     def __len__(self) -> int:
-        return len(self.tensors["x"])
+        return self.starts[-1]
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own handles
+        return {**self.__dict__, "_open": {}}
 
     def __getitem__(self, i: int) -> dict:
+        from safetensors import safe_open
+
         i = _check_index(i, len(self))
-        return {k: v[i] for k, v in self.tensors.items()}
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        if shard not in self._open:
+            self._open[shard] = safe_open(self.paths[shard], "pt")
+        f, row = self._open[shard], i - self.starts[shard]
+        return {k: f.get_slice(k)[row:row + 1][0] for k in self.keys}
 
 
 # ---------------------------------------------------------------------------- config factory

@@ -3,7 +3,8 @@
     python -m training.train --config training/configs/demo-skip-latte.yaml            # one process
     accelerate launch -m training.train --config ... [--resume] [--set train.max_steps=10]
     accelerate launch --multi_gpu --num_processes 8 -m training.train --config ...       # DDP
-    (mixed precision, FSDP or DeepSpeed: through `accelerate config` / launch flags)
+    accelerate launch --config_file training/accelerate/fsdp-wan.yaml -m training.train --config ...  # FSDP (Wan 14B)
+    (mixed precision, FSDP or DeepSpeed: through `accelerate config` / launch flags; FSDP: training/sharding.py)
 
 A run directory (`train.output_dir`) holds:
     config.yaml                  the resolved recipe
@@ -12,7 +13,9 @@ A run directory (`train.output_dir`) holds:
                                  what `skipdit_core.load_model` and the ComfyUI nodes read), trainer.json,
                                  resume/ (accelerate state: optimizer, RNG, ...); with moving shapes as text
                                  (fixed class embeddings), class-embeds.safetensors and text-<class>.safetensors
-                                 (`skipdit_core.shape_prompts`): the states to sample each class with
+                                 (`skipdit_core.shape_prompts`): the states to sample each class with;
+                                 under FSDP resume/ holds the sharded model and optimizer and resume/ema/ the
+                                 sharded EMA (torch.distributed.checkpoint); the .safetensors are gathered
     checkpoints/latest           the name of the newest complete step folder
     samples/                     sample videos of the EMA model (sample.every)
 
@@ -29,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from typing import Optional
 
@@ -43,6 +47,9 @@ from .config import TrainConfig, load_config
 from .convert import calibrate_pass_through
 from .data import build_dataset
 from .objective import make_objective
+from .sharding import (
+    ShardedEMA, checkpoint_blocks, fsdp_over_gloo, fsdp_requested, gather_full_state, reduce_gradients_in_fp32,
+)
 
 SKIP_PREFIXES = ("skip_norms.", "skip_linears.")
 
@@ -89,14 +96,18 @@ def _build_model(cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, list[str
 
 def start_pass_through(model: torch.nn.Module, cfg: TrainConfig, dataset, objective) -> list[tuple[float, float]]:
     """model.skip_init = pass_through: calibrate the new skip branches (training/convert.py) on the dataset's first
-    batch_size items, noised by a generator of the run's seed: the same batch on every process."""
+    batch_size items, noised by a generator of the run's seed: the same batch on every process. The batch is drawn on
+    the CPU and the forward runs where the model is."""
     items = [dataset[i] for i in range(min(cfg.train.batch_size, len(dataset)))]
     batch = torch.utils.data.default_collate(items)
     x0, cond, _ = model_inputs(cfg.model.family, batch, getattr(model.config, "num_classes", 0))
     g = torch.Generator().manual_seed(cfg.train.seed)
     t = objective.sample_timesteps(x0.shape[0], x0.device, g)
     x_t = objective.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
-    return calibrate_pass_through(model, lambda: model(x_t, objective.model_timesteps(t), **cond))
+    device = next(model.parameters()).device
+    x_t, t = x_t.to(device), objective.model_timesteps(t).to(device)
+    cond = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+    return calibrate_pass_through(model, lambda: model(x_t, t, **cond))
 
 
 def resolve_init_from(path: str) -> str:
@@ -224,7 +235,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int, class_embeds: Optional[dict] = None) -> str:
-    """All processes call this (accelerate gathers sharded state); the main process writes the files.
+    """All processes call this (accelerate saves its state; sharded weights and EMA are gathered for the exported
+    files); the main process writes the files. `ema`: the EMA module, or a ShardedEMA under FSDP.
     class_embeds ({"table", "seed", "classes", "video"}, `dataset_class_embeds`) are written beside them."""
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     name = f"step-{step:08d}"
@@ -234,12 +246,18 @@ def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int, class_
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(os.path.join(tmp, "resume"))
-    state = accelerator.get_state_dict(model)
+    dtype = DTYPES[cfg.train.save_dtype] if cfg.train.save_dtype else None
+    if isinstance(ema, ShardedEMA):  # FSDP: the EMA's shards beside accelerate's, then whole tensors for the files
+        ema.save(os.path.join(tmp, "resume", "ema"))
+        state = gather_full_state(model.state_dict(), accelerator.is_main_process, dtype)
+        ema_state = ema.export(state, accelerator.is_main_process, dtype)
+    else:
+        state = accelerator.get_state_dict(model)
+        ema_state = ema.state_dict()
     if accelerator.is_main_process:
         family, config = cfg.model.family, accelerator.unwrap_model(model).config
-        dtype = DTYPES[cfg.train.save_dtype] if cfg.train.save_dtype else None
         save_safetensors(state, os.path.join(tmp, "model.safetensors"), family, config, dtype)
-        save_safetensors(ema.state_dict(), os.path.join(tmp, "ema.safetensors"), family, config, dtype)
+        save_safetensors(ema_state, os.path.join(tmp, "ema.safetensors"), family, config, dtype)
         if class_embeds is not None:  # the fixed "prompts" of a class-as-text dataset, beside the weights
             save_class_embeds(tmp, class_embeds["table"], class_embeds["seed"], class_embeds["classes"],
                               class_embeds["video"])
@@ -254,9 +272,12 @@ def save_checkpoint(accelerator, model, ema, cfg: TrainConfig, step: int, class_
     return final
 
 
-def resume(accelerator, path: str) -> int:
-    """Load weights, optimizer, RNG and the full-precision EMA (registered for checkpointing) from `path`."""
+def resume(accelerator, path: str, ema=None) -> int:
+    """Load weights, optimizer, RNG and the full-precision EMA (registered for checkpointing; a ShardedEMA from
+    resume/ema/) from `path`."""
     accelerator.load_state(os.path.join(path, "resume"))
+    if isinstance(ema, ShardedEMA):
+        ema.load(os.path.join(path, "resume", "ema"))
     with open(os.path.join(path, "trainer.json")) as f:
         return int(json.load(f)["step"])
 
@@ -264,6 +285,20 @@ def resume(accelerator, path: str) -> int:
 # ----------------------------------------------------------------------------------------------
 # Samples during training
 # ----------------------------------------------------------------------------------------------
+
+def sample_model(accelerator, model, ema, cfg: TrainConfig) -> Optional[torch.nn.Module]:
+    """The EMA model to sample from on the main process (None elsewhere). Under FSDP it is gathered first: all
+    processes must call this, and the main process then holds a whole model."""
+    if not isinstance(ema, ShardedEMA):
+        return ema
+    main = accelerator.is_main_process
+    state = ema.export(gather_full_state(model.state_dict(), main), main)
+    if not main:
+        return None
+    module = models.build_model(cfg.model.family, accelerator.unwrap_model(model).config)
+    module.load_state_dict(state)
+    return module.float().requires_grad_(False).eval().to(accelerator.device)
+
 
 def write_samples(ema, cfg: TrainConfig, step: int, example: dict, log, class_embeds: Optional[dict] = None) -> None:
     """Sample videos / images of the EMA model (pixel-space models; latent models save the latents). Text models
@@ -310,14 +345,17 @@ def write_samples(ema, cfg: TrainConfig, step: int, example: dict, log, class_em
 def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     """Run the recipe; returns {"step", "loss", "checkpoint"} of the last optimizer step."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, set_seed
     from tqdm.auto import tqdm
 
     tc = cfg.train
+    # Several processes and no GPU (`accelerate launch --multi_gpu` / torchrun on a CPU box): gloo on
+    # the CPU, instead of each process silently training alone; an FSDP launch stays FSDP (training/sharding.py).
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if cpu_processes and fsdp_requested():
+        fsdp_over_gloo()
     accelerator = Accelerator(
-        # Several processes and no GPU (`accelerate launch --multi_gpu` / torchrun on a CPU box): gloo on
-        # the CPU, instead of each process silently training alone.
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        cpu=cpu_processes,
         mixed_precision=tc.mixed_precision,
         # Sync exactly every grad_accum_steps micro-batches (not at epoch ends), so a step is a step.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.grad_accum_steps, sync_with_dataloader=False),
@@ -326,6 +364,12 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     )
     log = accelerator.print
     set_seed(tc.seed, device_specific=True)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:  # FSDP2 warns that a block returns a view (Wan's blocks end in a flatten): an in-place op on it would
+        # skip its pre-backward hook, and the U-stack never changes a block's output in place
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        if reduce_gradients_in_fp32(accelerator.state.fsdp_plugin):
+            log(f"FSDP: {accelerator.mixed_precision} compute, gradients reduced in float32")
 
     model, new_skip = _build_model(cfg, log)
     dataset = build_dataset(dict(cfg.data))
@@ -334,14 +378,22 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
         if not new_skip:
             raise ValueError(f"model.skip_init = pass_through starts new skip branches, but {cfg.model.init_from!r} "
                              "gives the model all its tensors (set model.skip_init: paper, or init_from a vanilla model)")
+        model.to(accelerator.device)  # the calibration forward on the run's device (a GPU: 14B in seconds)
         stats = start_pass_through(model, cfg, dataset, objective)
         log(f"skip branches started as pass-through, calibrated on {min(tc.batch_size, len(dataset))} items: "
             f"scale {min(s for s, _ in stats):.3g}..{max(s for s, _ in stats):.3g}")
     groups = select_trainable(model, tc.trainable)
     num_classes = getattr(model.config, "num_classes", 0)
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # The EMA: a whole float32 copy, or under FSDP a sharded one made from the sharded model below.
+    ema = None if sharded else copy.deepcopy(model).float().requires_grad_(False).eval()
+    if tc.activation_checkpointing:
+        if sharded and accelerator.state.fsdp_plugin.activation_checkpointing:
+            log("activation checkpointing: accelerate's FSDP plugin wraps the blocks (fsdp_activation_checkpointing)")
+        else:
+            log(f"activation checkpointing of {checkpoint_blocks(model)} blocks")
+    # (no list of the parameters is kept: under FSDP it would keep every whole tensor alive beside the shards)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
@@ -350,9 +402,13 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     if len(loader) == 0:
         raise ValueError(f"the data has {len(dataset)} items, fewer than one batch of {tc.batch_size} per process")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ema.to(accelerator.device)
-    # The EMA joins accelerate's state in float32 (the exported ema.safetensors may be fp16).
-    accelerator.register_for_checkpointing(ema)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP has swapped in sharded parameters
+    if sharded:
+        ema = ShardedEMA(model)  # saved and resumed beside accelerate's state (save_checkpoint, resume)
+    else:
+        ema.to(accelerator.device)
+        # The EMA joins accelerate's state in float32 (the exported ema.safetensors may be fp16).
+        accelerator.register_for_checkpointing(ema)
     class_embeds = dataset_class_embeds(dataset)
 
     step, checkpoint = 0, None
@@ -361,7 +417,7 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
         if path is None:
             log(f"--resume: no checkpoint in {tc.output_dir}, starting from step 0")
         else:
-            step, checkpoint = resume(accelerator, path), path
+            step, checkpoint = resume(accelerator, path, ema), path
             log(f"resumed from {path} at step {step}")
             if accelerator.is_main_process:  # rows logged after that save belong to the lost steps
                 drop_log_rows_after(os.path.join(tc.output_dir, "log.jsonl"), step)
@@ -374,7 +430,8 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
     log(f"{cfg.model.family} {type(unwrapped).__name__}: {total / 1e6:.2f}M parameters, "
         f"skip branches: {'yes' if getattr(unwrapped, 'skip_norms', None) else 'no'}; stage {tc.trainable!r}: {'; '.join(groups)}")
     global_batch = tc.batch_size * accelerator.num_processes * tc.grad_accum_steps
-    log(f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+    log(f"{accelerator.num_processes} process(es) on {accelerator.device}{' (FSDP)' if sharded else ''}, "
+        f"mixed precision {accelerator.mixed_precision}, "
         f"global batch {global_batch} ({tc.batch_size} x {accelerator.num_processes} x {tc.grad_accum_steps} accumulated), "
         f"{len(dataset)} items, {len(loader)} batches per epoch per process")
 
@@ -424,7 +481,11 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+            decay = ema_decay_at(step, tc.ema_decay, tc.ema_warmup)
+            if sharded:
+                ema.update(model, decay)
+            else:
+                update_ema(ema, accelerator.unwrap_model(model), decay)
             window["steps"] += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.max_steps:
@@ -442,8 +503,10 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
             if step % tc.save_every == 0 or step == tc.max_steps:
                 checkpoint = save_checkpoint(accelerator, model, ema, cfg, step, class_embeds)
                 bar.write(f"step {step}: checkpoint {checkpoint}") if accelerator.is_local_main_process else None
-            if cfg.sample.every and step % cfg.sample.every == 0 and accelerator.is_main_process:
-                write_samples(ema, cfg, step, example, bar.write, class_embeds)
+            if cfg.sample.every and step % cfg.sample.every == 0:
+                module = sample_model(accelerator, model, ema, cfg)  # all processes: gathered under FSDP
+                if accelerator.is_main_process:
+                    write_samples(module, cfg, step, example, bar.write, class_embeds)
             if step >= tc.max_steps:
                 break
         else:

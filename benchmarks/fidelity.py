@@ -46,6 +46,8 @@ PAIRS = {  # (skip model, vanilla twin)
     "demo": (str(DEMO_MODEL), str(VANILLA_TWIN)),
     "deep": (os.path.join(MODELS, "deep-skip-latte.safetensors"), os.path.join(MODELS, "deep-latte-vanilla.safetensors")),
     "wan": (os.path.join(MODELS, "wan-shapes.safetensors"),) * 2,  # docs/wan-shapes.md: no long skips
+    # the Skip-Wan miniature (docs/skip-wan.md): the converted Wan and the vanilla one trained on as long
+    "skip-wan": (os.path.join(MODELS, "skip-wan-shapes.safetensors"), os.path.join(MODELS, "wan-shapes-continued.safetensors")),
 }
 LATTE_ONLY = {"pab", "fastercache"}  # spatial / temporal attention of a Latte (peer_caches refuses a Wan)
 from skipdit_core.loading import load_model  # noqa: E402
@@ -241,7 +243,8 @@ def plot(rows: list[dict], path: str, x_axis: str = "speedup", title: str = "dem
                     label=f"{pts[0]['method']} {window}, {ns}")
     # Peers in colours and markers apart from Skip-Cache's red-to-yellow.
     peers = dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("Skip-Cache"))
-    for method, color, marker in zip(peers, ("C0", "C2", "C4", "C9", "C7", "C8", "C5"), "os^Dvph"):
+    for method, color, marker in zip(peers, ("C0", "C2", "C4", "C9", "C7", "C8", "C5", "C6", "C1", "C3", "k"),
+                                     "os^DvphP<>X"):
         pts = [r for r in rows if r["method"] == method]
         ax.plot([r[x_axis] for r in pts], [r["psnr"] for r in pts], color=color, marker=marker, label=method)
     if x_axis == "compute":
@@ -263,6 +266,11 @@ def main() -> None:
                         "wan: the trained 30-block Wan, one model (docs/wan-shapes.md)")
     p.add_argument("--presets", action="store_true",
                    help="the Skip-Cache rows are the family's presets (chosen on other seeds) instead of the grid")
+    p.add_argument("--preset-kind", choices=["auto", "skip", "vanilla"], default="auto",
+                   help="whose presets: those of the model's own kind (auto), or of models with / without long skips "
+                        "(a Skip-Wan has none of its own: the Wan presets, chosen on the vanilla Wan)")
+    p.add_argument("--twin-presets", action="store_true",
+                   help="also the presets on the twin, as one more peer (Skip-Cache without the long skips)")
     p.add_argument("--model", help="a Skip-Latte (default: the pair's)")
     p.add_argument("--twin", help="its vanilla twin (default: the pair's)")
     p.add_argument("--forecasts", type=int, nargs="+", default=[0], choices=[0, 1, 2],
@@ -285,6 +293,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each trajectory, uncached and cached alternating (the fastest of each kept); "
                         "0: no timing (fidelity and block compute only)")
+    p.add_argument("--peer-rows", help="a JSON list of peer rows measured elsewhere on the same trajectories (e.g. "
+                   "benchmarks/comfyui_caches.py --json: ComfyUI's EasyCache / LazyCache), added to the peers")
+    p.add_argument("--rows-out", help="write every row (Skip-Cache and peers) to this JSON file")
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "benchmarks"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -302,7 +313,8 @@ def main() -> None:
     if args.presets:
         from skipdit_core.skip_cache_presets import PRESETS
 
-        presets = PRESETS[(family, skip.stack.num_skips > 0)]
+        kind = {"auto": skip.stack.num_skips > 0, "skip": True, "vanilla": False}[args.preset_kind]
+        presets = PRESETS[(family, kind)]
     timed = args.repeats > 0
     with torch.no_grad():
         skip_traj = Trajectories(skip, requests, lpips_fn, max(args.repeats, 1), timed)
@@ -310,7 +322,15 @@ def main() -> None:
                                     args.empty, presets)
         twin_traj = skip_traj if twin is skip else Trajectories(twin, requests, lpips_fn, max(args.repeats, 1), timed)
         peers = peer_rows(twin_traj, methods)
+        if args.twin_presets:
+            peers += [{**r, "method": "Skip-Cache preset (twin)"}
+                      for r in skip_cache_rows(twin_traj, (), (), False, presets=presets)]
         on_skip = peer_rows(skip_traj, args.skip_peers, " (skip model)")
+    if args.peer_rows:
+        with open(args.peer_rows) as f:
+            measured = [r for r in json.load(f) if not r["method"].startswith("Skip-Cache")]
+        peers += [{**r, "method": r["method"] + (" (ComfyUI)" if "comfyui" in r else ""), "lpips": r.get("lpips", math.nan),
+                   "speedup": r.get("speedup", math.nan) if timed else math.nan} for r in measured]
     rows = skip_rows + peers + on_skip
     os.makedirs(args.out, exist_ok=True)
     suffix = "" if args.pair == "demo" else f"-{args.pair}"
@@ -322,6 +342,9 @@ def main() -> None:
     plot(rows, png_compute, "compute", title)
     if args.json:
         print(json.dumps(rows, indent=2))
+    if args.rows_out:
+        with open(args.rows_out, "w") as f:
+            json.dump(rows, f, indent=1)
     sampler = "Euler (shift 5)" if family == "wan" else "DDIM"
     print(f"{model_path} vs {twin_path}: {skip.stack.num_units} units; {len(requests)} trajectories "
           f"({len(args.classes)} classes x seeds {args.seeds}), {sampler} {args.steps}, guidance {args.guidance}; "

@@ -78,10 +78,11 @@ class SkipCacheSetup:
     """What Apply Skip-Cache stores in the patched model's transformer_options[STATE_KEY]: the
     settings, immutable, so sharing it between clones is harmless (a deep copy returns it as is)."""
 
-    def __init__(self, config: SkipCacheConfig, target: CacheTarget):
+    def __init__(self, config: SkipCacheConfig, target: CacheTarget, preset: Optional[str] = None):
         target.stack.check_depth(config.depth)
         self.config = config
         self.target = target
+        self.preset = preset  # the preset's name when the settings are one (said in the log line)
 
     def __deepcopy__(self, memo):
         return self
@@ -96,7 +97,9 @@ class SkipCacheSetup:
         empty = f", {c.empty_steps} of every {c.interval - 1} cached steps empty" if c.empty_steps else ""
         warmup = ", forecast warm-up" if c.forecast_warmup else ""
         residual = ", middle's residual reused" if c.reuse == "residual" else ""
-        return f"n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{residual}{forecast}{empty}{warmup}"
+        preset = f"preset {self.preset}: " if self.preset else ""
+        return (f"{preset}n={c.interval}, window t {c.start:g} -> {c.end:g}, depth k={c.depth}{residual}{forecast}"
+                f"{empty}{warmup}")
 
 
 class SkipCacheState:

@@ -31,6 +31,7 @@ from comfy.ldm.wan.model import WanModel
 from comfy_api.latest import io
 
 from skipdit_core.skip_cache import REUSE_KINDS
+from skipdit_core.skip_cache_presets import PRESET_SPEEDS, preset_config
 
 from . import adapters
 from .cache_state import RUN_KEY, STATE_KEY, CacheTarget, SkipCacheSetup, current_cut
@@ -268,20 +269,29 @@ class ApplySkipCache(io.ComfyNode):
                     "after its first k blocks (what First Block Cache reuses). On a model without long skips the state "
                     "was the closer of the two (docs/benchmarks.md, section 9).",
                 ),
+                io.Combo.Input(
+                    "preset", options=["off", *PRESET_SPEEDS], default="off", optional=True,
+                    tooltip="A setting named by the speed it targets, chosen on tuning seeds and checked on seeds no "
+                    "choice used (docs/presets.md), for Latte Skip-DiT models and for Wan. When not off it replaces "
+                    "every input above. off: the inputs above.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with Skip-Cache; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, interval, settings, window_unit, start, end, depth, forecast=0, forecast_damping=1.0,
-                empty_steps=0, forecast_warmup=False, reuse="state") -> io.NodeOutput:
+                empty_steps=0, forecast_warmup=False, reuse="state", preset="off") -> io.NodeOutput:
         target = cache_target(model)
-        config = adapters.cache_config(
-            target.family, interval, settings, window_unit, start, end, depth, max_depth=target.stack.max_depth,
-            forecast=forecast, forecast_damping=forecast_damping, empty_steps=empty_steps, forecast_warmup=forecast_warmup,
-            reuse=reuse,
-        )
-        setup = SkipCacheSetup(config, target)  # checks k against the model's long skips
+        if preset != "off":
+            config = preset_config(target.family, target.stack.num_skips > 0, preset)
+        else:
+            config = adapters.cache_config(
+                target.family, interval, settings, window_unit, start, end, depth, max_depth=target.stack.max_depth,
+                forecast=forecast, forecast_damping=forecast_damping, empty_steps=empty_steps,
+                forecast_warmup=forecast_warmup, reuse=reuse,
+            )
+        setup = SkipCacheSetup(config, target, preset if preset != "off" else None)  # checks k against the long skips
         patched = model.clone()
         patched.model_options["transformer_options"][STATE_KEY] = setup
         for kind, wrapper in ((WRAPPERS.OUTER_SAMPLE, outer_sample_wrapper), (WRAPPERS.APPLY_MODEL, apply_model_wrapper)):

@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from . import models
 from .loading import DTYPES, CheckpointError, convert_to_safetensors, inspect_checkpoint, save_safetensors
+from .skip_cache_presets import PRESET_SPEEDS
 
 
 
@@ -68,9 +69,15 @@ def cmd_new(args) -> int:
 VAE_SCALE = {"dit": 0.18215, "latte": 0.18215, "latte_t2v": 0.18215, "hunyuan": 0.13025}  # Wan: per channel, its VAE's
 
 
-def _cache_config(args, family, interval):
+def _cache_config(args, family, interval, model=None):
+    """The Skip-Cache setting of the command line: --cache-preset (for `model`'s family and long skips), else
+    interval n with the window / depth / forecast options (the authors' window and depth by default)."""
     from .skip_cache import AUTHORS_SETTINGS, SkipCacheConfig
 
+    if getattr(args, "cache_preset", None):
+        from .skip_cache_presets import preset_config
+
+        return preset_config(family, model.stack.num_skips > 0, args.cache_preset)
     base = AUTHORS_SETTINGS[family]
     depth = args.cache_depth or base.depth
     options = dict(forecast=args.cache_forecast, forecast_damping=args.cache_forecast_damping,
@@ -192,7 +199,8 @@ def cmd_sample(args) -> int:
         else:
             SequenceParallel().attach(model)
     req = _request(args, model, ckpt.family)
-    cache = _cache_config(args, ckpt.family, args.cache_interval) if args.cache_interval > 1 else None
+    cache = (_cache_config(args, ckpt.family, args.cache_interval, model)
+             if args.cache_interval > 1 or args.cache_preset else None)
     result = generate(model, req, cache, progress=_Progress("sampling") if procs.main else None, cfg_parallel=cfg_parallel)
     if not procs.main:  # every process holds the same sample; the main one writes it
         return 0
@@ -227,7 +235,8 @@ def cmd_sample_many(args) -> int:
     procs.join(device)
     req = _request(args, model, ckpt.family)
     labels = _labels(args.labels, model)
-    settings = [Setting.of(_cache_config(args, ckpt.family, n) if n > 1 else None) for n in args.cache_intervals]
+    settings = ([Setting.of(_cache_config(args, ckpt.family, 1, model))] if args.cache_preset else
+                [Setting.of(_cache_config(args, ckpt.family, n) if n > 1 else None) for n in args.cache_intervals])
     vae = _load_vae(args, device, ckpt.family)
 
     def to_array(sample):
@@ -348,7 +357,12 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     model, ckpt = _load(args)
     req = _request(args, model, ckpt.family)
-    caches = [None] + [_cache_config(args, ckpt.family, n) for n in args.intervals]
+    if args.presets:
+        from .skip_cache_presets import preset_config
+
+        caches = [None] + [preset_config(ckpt.family, model.stack.num_skips > 0, name) for name in args.presets]
+    else:
+        caches = [None] + [_cache_config(args, ckpt.family, n) for n in args.intervals]
     base, *cached = timed_runs(model, req, caches, args.repeats)
     vae = _load_vae(args, base.sample.device, ckpt.family)
     ref = _pixels(vae, ckpt.family, model, base.sample)
@@ -415,12 +429,21 @@ def generation_args(sp, bench: bool) -> None:
     request_args(sp)
     if bench:
         sp.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4], help="Skip-Cache intervals to compare")
+        sp.add_argument("--presets", nargs="+", choices=PRESET_SPEEDS,
+                        help="compare these Skip-Cache presets instead of --intervals")
         sp.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each setting, alternating (the fastest kept; default 3)")
         sp.add_argument("--json", action="store_true")
     else:
         sp.add_argument("--cache-interval", type=int, default=1, help="Skip-Cache interval n (1 = off)")
+        preset_arg(sp)
     cache_args(sp)
+
+
+def preset_arg(sp) -> None:
+    sp.add_argument("--cache-preset", choices=PRESET_SPEEDS,
+                    help="a Skip-Cache preset named by speed, chosen on tuning seeds and reported on held-out ones "
+                         "(docs/presets.md); replaces the other --cache-* options")
 
 
 def cache_args(sp) -> None:
@@ -486,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="samples per model call; a sample depends on it, not on the number of processes")
     many.add_argument("--cache-intervals", type=int, nargs="+", default=[1],
                       help="one setting per Skip-Cache interval, 1 = uncached (e.g. 1 2 3)")
+    preset_arg(many)
     cache_args(many)
     many.add_argument("--no-progress", action="store_true")
     many.set_defaults(func=cmd_sample_many)
@@ -548,6 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--cache-depth", type=int, default=1, help="units recomputed at each end (k)")
     analyze.add_argument("--max-lag", type=int, default=5, help="largest reuse distance tried (interval up to max-lag + 1)")
     analyze.add_argument("-o", "--output", default="outputs/feature-dynamics.png", help="the heatmap PNG")
+    analyze.add_argument("--speed", default="2x", help="the speed to suggest a setting for, e.g. 1.5x, 2x, 3x, 4x")
+    analyze.add_argument("--margin", type=float, default=0.95,
+                         help="block-compute budget = margin / speed (room for what is not blocks)")
+    analyze.add_argument("--classes", type=int, nargs="+",
+                         help="class labels of the trajectories the setting is chosen on (default: --label)")
+    analyze.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                         help="seeds of those trajectories (one setting tuned on one trajectory overfits it)")
+    analyze.add_argument("--seconds", type=float, default=600.0,
+                         help="time budget of the search: it stops adding trajectories when the next round would pass it")
 
     presets = sub.add_parser("presets", help="list the model presets of every family")
     presets.set_defaults(func=cmd_presets)
@@ -608,9 +641,8 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     import os
-    from dataclasses import replace
 
-    from .analyze import compare_dampings, compare_forecasts, plot_dynamics, record_dynamics, suggest
+    from .analyze import plot_dynamics, record_dynamics, suggest
     from .loading import load_model
 
     panels = []
@@ -618,7 +650,7 @@ def cmd_analyze(args) -> int:
         model, ckpt = load_model(path, dtype=DTYPES[args.dtype], device=_device(args.device))
         req = _request(args, model, ckpt.family)
         if not panels:
-            skip_model, skip_req = model, req
+            skip_model, skip_req, skip_ckpt = model, req, ckpt
         dyn = record_dynamics(model, req, max_lag=args.max_lag, progress=_Progress(os.path.basename(path)))
         panels.append((path, dyn))
         unit = dyn.cached_unit(args.cache_depth)  # the reused unit, or its place in a vanilla twin
@@ -632,34 +664,59 @@ def cmd_analyze(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     plot_dynamics(list(zip(names, [d for _, d in panels])), args.output, tip, args.cache_depth)
     print(f"heatmap: {args.output}")
-    if skip_dyn.num_skips == 0:
-        print("no long skips in this model: Skip-Cache cannot run on it (give a Skip-DiT, and this one as --twin)")
-    elif tip is None:
-        print(f"no suggestion: the reused feature (unit {skip_dyn.cached_unit(args.cache_depth)}) never stays above "
-              f"{args.threshold} between two steps; try a lower --threshold")
-    else:
-        print(f"suggested Skip-Cache: interval {tip.interval}, window {tip.start} -> {tip.end}, depth {tip.depth} "
-              f"(reused feature keeps a mean cosine of {tip.window_similarity:.4f} at distance {tip.interval - 1})")
-        print(f"  on this trajectory: {tip.stats.summary()}, speedup bound {tip.speedup_bound:.2f}x")
-        scores = compare_forecasts(skip_model, skip_req, tip.config, reference=skip_dyn.sample)
-        order = max(scores, key=scores.get)
-        print("  forecast of the cut state, PSNR to the uncached output: "
-              + ", ".join(f"order {k} {v:.2f} dB" for k, v in scores.items())
-              + f" -> forecast {order}" + (" (reuse, as the paper)" if order == 0 else ""))
-        cli_damping = node_damping = ""
-        if order:
-            dampings = compare_dampings(skip_model, skip_req, replace(tip.config, forecast=order),
-                                        reference=skip_dyn.sample)
-            damping = max(dampings, key=dampings.get)
-            print(f"  forecast damping (order {order}), PSNR: "
-                  + ", ".join(f"{k:g} {v:.2f} dB" for k, v in dampings.items()) + f" -> damping {damping:g}")
-            if damping != 1.0:
-                cli_damping, node_damping = f" --cache-forecast-damping {damping:g}", f", forecast_damping {damping:g}"
-        print(f"  skipdit sample ... --cache-interval {tip.interval} --cache-start {tip.start} --cache-end {tip.end} "
-              f"--cache-depth {tip.depth} --cache-forecast {order}{cli_damping}")
-        print(f"  ComfyUI Apply Skip-Cache: interval {tip.interval}, start {tip.start}, end {tip.end} (timesteps), "
-              f"depth {tip.depth}, forecast {order}{node_damping}")
+    if tip is not None:
+        print(f"smooth window of the reused feature (unit {skip_dyn.cached_unit(args.cache_depth)}, cosine >= "
+              f"{args.threshold}): interval {tip.interval}, t {tip.start} -> {tip.end} ({tip.stats.summary()})")
+    elif skip_dyn.num_skips:
+        print(f"the reused feature (unit {skip_dyn.cached_unit(args.cache_depth)}) never stays above {args.threshold} "
+              "between two steps")
+    _suggest_from_trajectories(args, skip_model, skip_req, skip_ckpt.family)
     return 0
+
+
+def _suggest_from_trajectories(args, model, req, family: str) -> None:
+    """The setting for --speed chosen on classes x seeds (skipdit_core.cache_search), and the presets scored on the
+    same trajectories beside it."""
+    from dataclasses import replace
+
+    from .cache_search import Reference, block_compute, candidates, request_timesteps, score, search
+    from .skip_cache_presets import PRESETS
+
+    speed = float(args.speed.rstrip("x"))
+    budget = args.margin / speed
+    classes = args.classes if args.classes else [req.label]
+    reqs = [replace(req, label=c, seed=s) for c in classes for s in args.seeds]
+    skips = model.stack.num_skips > 0
+    print(f"choosing a Skip-Cache setting for {args.speed} (at most {budget:.0%} of the block compute) on "
+          f"{len(reqs)} trajectories (classes {classes} x seeds {args.seeds}), within {args.seconds:g} s")
+    ref = Reference(model, reqs)
+    rows = search(model, reqs, budget, candidates(skips, depth=args.cache_depth), seconds=args.seconds,
+                  reference=ref, log=lambda line: print("  " + line))
+    best, used = rows[0], rows[0]["trajectories"]
+    c = best["config"]
+    print(f"suggested Skip-Cache: {c.describe()}: {best['compute']:.0%} of the block compute (bound "
+          f"{1 / best['compute']:.2f}x), PSNR to the uncached output {best['psnr']:.2f} dB (min {best['psnr_min']:.2f}) "
+          f"over {used} trajectories")
+    flags = (f"--cache-interval {c.interval} --cache-start {c.start:g} --cache-end {c.end:g} --cache-depth {c.depth} "
+             f"--cache-forecast {c.forecast}")
+    flags += f" --cache-forecast-damping {c.forecast_damping:g}" if c.forecast and c.forecast_damping != 1.0 else ""
+    flags += f" --cache-empty-steps {c.empty_steps}" if c.empty_steps else ""
+    flags += " --cache-forecast-warmup" if c.forecast_warmup else ""
+    print(f"  skipdit sample ... {flags}")
+    print(f"  ComfyUI Apply Skip-Cache (settings custom): interval {c.interval}, start {c.start:g}, end {c.end:g} "
+          f"(timesteps), depth {c.depth}, forecast {c.forecast}, forecast_damping {c.forecast_damping:g}, "
+          f"empty_steps {c.empty_steps}, forecast_warmup {c.forecast_warmup}")
+    presets = PRESETS.get((family, skips), {})
+    if not presets:
+        print("  (no presets exist for this kind of model to compare with)")
+        return
+    ts = request_timesteps(model, reqs[0])
+    print(f"  the presets on the same {used} trajectories:")
+    for name, config in presets.items():
+        f = block_compute(config, ts, model.stack.num_units, model.stack.num_skips, family)
+        s = score(model, config, ref, used)
+        print(f"    preset {name}: {config.describe()}: {f:.0%} of the block compute, PSNR {s['psnr']:.2f} dB "
+              f"(min {s['psnr_min']:.2f})")
 
 
 def cmd_presets(args) -> int:

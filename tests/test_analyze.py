@@ -92,25 +92,17 @@ def test_analyze_command_writes_the_heatmap_and_prints_settings(tmp_path, capsys
         save_safetensors(model.state_dict(), paths[-1], "latte", config)
     png = tmp_path / "out" / "dynamics.png"
     code = main(["analyze", str(paths[0]), "--twin", str(paths[1]), "--label", "2", "--steps", "10",
-                 "--guidance", "3", "--threshold", "0.5", "-o", str(png)])
+                 "--guidance", "3", "--threshold", "0.5", "-o", str(png), "--speed", "2x", "--classes", "1", "2",
+                 "--seeds", "0", "1"])
     assert code == 0
     out = capsys.readouterr().out
     assert "4 units, 2 long skips, 10 ddim steps" in out and "4 units, 0 long skips" in out
-    assert "suggested Skip-Cache: interval" in out and "--cache-interval" in out
-    # the suggestion is replayed with each forecast order; the best one is what it suggests
-    scores = re.search(r"order 0 ([\d.inf]+) dB, order 1 ([\d.inf]+) dB, order 2 ([\d.inf]+) dB -> forecast (\d)", out)
-    assert scores, out
-    values = [float(v) for v in scores.groups()[:3]]
-    assert int(scores.group(4)) == values.index(max(values))
-    assert f"--cache-forecast {scores.group(4)}" in out
-    if scores.group(4) != "0":  # with a forecast, the damping is replayed too and the best one suggested
-        damp = re.search(r"forecast damping \(order \d\), PSNR: 1 ([\d.inf]+) dB, 0.85 ([\d.inf]+) dB, "
-                         r"0.7 ([\d.inf]+) dB, 0.55 ([\d.inf]+) dB -> damping ([\d.]+)", out)
-        assert damp, out
-        values = [float(v) for v in damp.groups()[:4]]
-        best = [1.0, 0.85, 0.7, 0.55][values.index(max(values))]
-        assert float(damp.group(5)) == best
-        assert (f"--cache-forecast-damping {best:g}" in out) == (best != 1.0)
+    # the suggestion is chosen on classes x seeds (4 trajectories), within 0.95 / 2 of the block compute
+    assert "on 4 trajectories (classes [1, 2] x seeds [0, 1])" in out, out
+    found = re.search(r"suggested Skip-Cache: (.*): (\d+)% of the block compute .* over (\d) trajectories", out)
+    assert found and int(found.group(2)) <= 47 and found.group(3) == "4", out
+    assert "skipdit sample ... --cache-interval" in out and "ComfyUI Apply Skip-Cache (settings custom)" in out
+    assert ("the presets on the same 4 trajectories" in out) or ("no presets exist" in out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 

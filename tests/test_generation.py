@@ -239,3 +239,14 @@ def test_v_prediction_is_read_from_the_model_config(tmp_path):
     assert not torch.allclose(as_v, generate(loaded, req).sample)
     with pytest.raises(ValueError, match="prediction must be 'eps' or 'v'"):
         build_model("latte", make_config("latte", dict(prediction="x0", depth=4)))
+
+
+def test_cli_presets_replace_the_cache_options_and_bench_compares_them(pixel_latte, tmp_path, capsys):
+    from skipdit_core.skip_cache_presets import PRESETS
+
+    args = [str(pixel_latte), "--label", "2", "--frames", "4", "--steps", "10", "--guidance", "2", "--device", "cpu"]
+    assert cli_main(["sample", *args, "--cache-preset", "2x", "-o", str(tmp_path / "a.mp4")]) == 0
+    assert f"Skip-Cache {PRESETS[('latte', True)]['2x'].describe()}:" in capsys.readouterr().out
+    assert cli_main(["bench", *args, "--presets", "1.5x", "4x", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["setting"] for r in rows] == ["uncached"] + [PRESETS[("latte", True)][n].describe() for n in ("1.5x", "4x")]

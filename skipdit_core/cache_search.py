@@ -1,0 +1,134 @@
+"""Choosing a Skip-Cache setting for a block-compute budget on several trajectories (classes x seeds).
+
+One setting tuned on one trajectory overfits it: on unseen seeds the choice can be worse than a plain one
+at the same compute (docs/benchmarks.md). So a setting is chosen here on many trajectories, by their mean
+PSNR to the model's own uncached output, and every table carries the spread over trajectories.
+
+    cands = candidates(model.stack.num_skips > 0)
+    rows = search(model, requests, budget=1 / 3, candidates=cands)     # rows[0]: the chosen setting
+    print(rows[0]["config"].describe(), rows[0]["psnr"], rows[0]["psnr_min"])
+
+- Block compute of a setting (blocks run / blocks an uncached run executes) depends only on the schedule,
+  so it is read off `simulate()` on the requests' timesteps, without running the model.
+- Among the candidates within the budget, those closest to the budget go on (a much cheaper setting
+  rarely wins at a budget), then successive halving: all are scored on the first trajectories, the better
+  half goes on to twice as many, until one is left or the time budget is spent; the ranking is always by
+  the mean over the same trajectories.
+
+`benchmarks/presets.py` makes the presets of `skip_cache_presets.py` with this search on tuning seeds and
+reports them on held-out seeds; `skipdit analyze --budget` runs it on the user's own model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .media import psnr, ssim
+from .pipeline import Request, generate, to_frames
+from .skip_cache import SkipCacheConfig, simulate
+
+FORECAST_VARIANTS = ((0, 1.0), (1, 0.7), (1, 1.0), (2, 0.7))  # (order, damping) tried per interval
+
+
+def candidates(has_skips: bool, intervals: Sequence[int] = range(2, 9), start: float = 1000.0, end: float = 0.0,
+               depth: int = 1) -> list[SkipCacheConfig]:
+    """The settings a search tries, over the whole schedule (`start -> end`): every interval n with each forecast
+    variant, and, with a forecast, every number of empty steps 1..n-1 with the forecast warm-up. A model without
+    long skips reuses its deep state (`reuse` "state", the closer of the two on the trained Wan)."""
+    out = []
+    for n in intervals:
+        for order, damping in FORECAST_VARIANTS:
+            base = dict(interval=n, start=start, end=end, depth=depth, forecast=order, forecast_damping=damping)
+            out.append(SkipCacheConfig(**base))
+            if order:
+                out += [SkipCacheConfig(**base, empty_steps=m, forecast_warmup=True) for m in range(1, n)]
+    return out
+
+
+def block_compute(config: SkipCacheConfig, timesteps: Sequence[float], num_units: int, num_skips: int,
+                  family: Optional[str]) -> float:
+    """Blocks run over blocks an uncached run executes, for one trajectory over `timesteps`."""
+    stats = simulate(config, timesteps, num_units, num_skips, family)
+    return stats.blocks_run / stats.blocks_uncached
+
+
+def request_timesteps(model, req: Request) -> list[float]:
+    """The timesteps the model is called at for `req`, from one uncached run of it."""
+    seen: list[float] = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(float(
+        (args[1] if len(args) > 1 else kwargs["t"]).reshape(-1)[0])), with_kwargs=True)
+    try:
+        generate(model, req)
+    finally:
+        hook.remove()
+    return seen
+
+
+@dataclass
+class Reference:
+    """The uncached frames of each request, made once and shared by every setting scored against them."""
+
+    model: object
+    requests: list
+    frames: list = field(default_factory=list)
+
+    def get(self, i: int) -> torch.Tensor:
+        while len(self.frames) <= i:
+            req = self.requests[len(self.frames)]
+            self.frames.append(to_frames(req.family, generate(self.model, req).sample).clamp(-1, 1))
+        return self.frames[i]
+
+
+def score(model, config: SkipCacheConfig, ref: Reference, count: int) -> dict:
+    """PSNR / SSIM of `config` against the uncached frames on the first `count` requests: mean, min, max."""
+    psnrs, ssims = [], []
+    for i in range(count):
+        req = ref.requests[i]
+        frames = to_frames(req.family, generate(model, req, config).sample).clamp(-1, 1)
+        psnrs.append(min(psnr(ref.get(i), frames), 99.0))  # identical = 99 dB
+        ssims.append(ssim(ref.get(i), frames))
+    return {"psnr": sum(psnrs) / count, "psnr_min": min(psnrs), "psnr_max": max(psnrs),
+            "ssim": sum(ssims) / count, "ssim_min": min(ssims), "ssim_max": max(ssims), "trajectories": count}
+
+
+def search(model, requests: Sequence[Request], budget: float, candidates: Sequence[SkipCacheConfig],
+           keep: int = 8, first: int = 2, seconds: Optional[float] = None, reference: Optional[Reference] = None,
+           log: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """Rank the candidates using at most `budget` of the block compute on `requests`: rows (config, compute,
+    psnr, psnr_min, psnr_max, ssim, ssim_min, ssim_max, trajectories), best first.
+
+    keep: how many of the candidates closest to the budget enter; first: trajectories of the first round;
+    seconds: a time budget (the rounds stop when the next would pass it; the rows then hold the trajectories
+    scored so far); reference: uncached frames already made for these requests."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"a block-compute budget is a fraction in (0, 1], got {budget}")
+    stack = model.stack
+    family = getattr(model, "family", None)
+    ref = reference or Reference(model, list(requests))
+    timesteps = request_timesteps(model, requests[0])
+    costed = [(block_compute(c, timesteps, stack.num_units, stack.num_skips, family), c) for c in candidates
+              if c.depth <= stack.max_depth]
+    within = sorted([(f, c) for f, c in costed if f <= budget], key=lambda fc: -fc[0])[:keep]
+    if not within:
+        cheapest = min(f for f, _ in costed) if costed else math.nan
+        raise ValueError(f"no candidate uses at most {budget:.0%} of the block compute (the cheapest uses {cheapest:.0%})")
+    alive = [{"config": c, "compute": f} for f, c in within]
+    count, started = min(first, len(requests)), time.perf_counter()
+    while True:
+        for row in alive:
+            row.update(score(model, row["config"], ref, count))
+        alive.sort(key=lambda r: (-r["psnr"], -r["ssim"]))
+        log(f"{count} trajectories: best {alive[0]['config'].describe()} {alive[0]['psnr']:.2f} dB of {len(alive)}")
+        if count == len(requests):
+            break
+        spent = time.perf_counter() - started
+        if seconds is not None and spent * 2.2 > seconds:  # the next round scores half the settings on twice the data
+            log(f"time budget: stopping after {spent:.0f} s with {count} of {len(requests)} trajectories")
+            break
+        alive = alive[: max(1, len(alive) // 2)]
+        count = min(2 * count, len(requests))
+    return alive

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .branches import LoadSkipBranches
 from .conditioning import ClassLabel, LatteT2VTextEncode
 from .latents import DecodeVideo, EmptyLatteLatent
 from .loader import LoadSkipDiTModel
 from .skip_cache_patch import ApplySkipCache
 
-NODES = [LoadSkipDiTModel, ApplySkipCache, ClassLabel, LatteT2VTextEncode, EmptyLatteLatent, DecodeVideo]
+NODES = [LoadSkipDiTModel, LoadSkipBranches, ApplySkipCache, ClassLabel, LatteT2VTextEncode, EmptyLatteLatent, DecodeVideo]
 
 
 class SkipDiTExtension(ComfyExtension):

@@ -34,6 +34,7 @@ from skipdit_core.skip_cache import REUSE_KINDS
 from skipdit_core.skip_cache_presets import PRESET_SPEEDS, preset_config
 
 from . import adapters
+from .branch_patch import BRANCHES_KEY
 from .cache_state import RUN_KEY, STATE_KEY, CacheTarget, SkipCacheSetup, current_cut
 from .comfy_model import SkipDiTModel
 
@@ -55,6 +56,9 @@ def cache_target(model) -> CacheTarget:
                 f"Apply Skip-Cache: the Wan variant {type(dm).__name__} is not supported (its block loop adds its own "
                 "inputs between blocks); it works on plain Wan 2.1 / 2.2 models (text-to-video, image-to-video, TI2V 5B)"
             )
+        branches = model.model_options.get("transformer_options", {}).get(BRANCHES_KEY)
+        if branches is not None:  # Load Skip Branches: a Skip-Wan, cut across its long skips
+            return CacheTarget("wan", "Skip-Wan (ComfyUI + skip branches)", branches.stack, 1, core_model=True)
         return CacheTarget("wan", "Wan (ComfyUI)", adapters.core_wan_stack(len(dm.blocks)), 1, core_model=True)
     raise ValueError(
         f"Apply Skip-Cache: {type(base).__name__} is not a model it can cut. It works on the models of Load Skip-DiT "

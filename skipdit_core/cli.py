@@ -30,6 +30,12 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_info(args) -> int:
+    from .skip_branches import is_branches_file, load_branches
+
+    if is_branches_file(args.checkpoint):  # a Skip-Wan's branches alone (skipdit extract-branches)
+        _, branches = load_branches(args.checkpoint)
+        print(json.dumps(branches.describe(), indent=2) if args.json else "\n".join(branches.lines()))
+        return 0
     ckpt = inspect_checkpoint(args.checkpoint, family=args.family, overrides=_overrides(args.set))
     info = ckpt.describe()
     if args.json:
@@ -51,6 +57,16 @@ def cmd_convert(args) -> int:
         family=args.family, overrides=_overrides(args.set),
     )
     print(f"wrote {args.output}: {ckpt.family}, {len(ckpt.state_dict)} tensors, config recorded in its metadata")
+    return 0
+
+
+def cmd_extract_branches(args) -> int:
+    from .skip_branches import extract_branches
+
+    info = extract_branches(args.checkpoint, args.output, base=args.base, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {args.output}: the {info.num_skips} skip branches alone (attach them with --skip-branches, or "
+          "ComfyUI's Load Skip Branches)")
+    print("\n".join(info.lines()[1:]))
     return 0
 
 
@@ -123,7 +139,19 @@ def _device(requested: Optional[str]) -> str:
 def _load(args):
     from .loading import load_model
 
-    return load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=_device(args.device))
+    model, ckpt = load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=_device(args.device))
+    return _with_branches(args, model, ckpt)
+
+
+def _with_branches(args, model, ckpt):
+    """--skip-branches: the model with a Skip-Wan's branches attached (skip_branches.attach_branches)."""
+    if not getattr(args, "skip_branches", None):
+        return model, ckpt
+    from .skip_branches import attach_branches
+
+    model = attach_branches(model, args.skip_branches)
+    ckpt.config = model.config
+    return model, ckpt
 
 
 def _load_vae(args, device, family: str):
@@ -423,6 +451,8 @@ def request_args(sp) -> None:
     sp.add_argument("--vae", help="a local diffusers AutoencoderKL folder (Wan: AutoencoderKLWan), to decode latent models")
     sp.add_argument("--device", help="default: cuda if available, else cpu")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    sp.add_argument("--skip-branches", metavar="FILE",
+                    help="a Skip-Wan's skip branches (skipdit extract-branches) to attach to the checkpoint, its base Wan")
 
 
 def generation_args(sp, bench: bool) -> None:
@@ -490,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=list(DTYPES), help="cast floating-point weights")
     detection_args(conv)
     conv.set_defaults(func=cmd_convert)
+    ext = sub.add_parser("extract-branches", help="write a Skip-Wan's skip branches alone (a few %% of its parameters), "
+                         "to attach to its base Wan (--skip-branches, ComfyUI's Load Skip Branches)")
+    ext.add_argument("checkpoint", help="a Skip-Wan checkpoint (or training run)")
+    ext.add_argument("-o", "--output", required=True, help="the branches file (.safetensors)")
+    ext.add_argument("--base", help="the base model the Skip-Wan was trained from (recorded in the file, e.g. its file name)")
+    ext.add_argument("--dtype", choices=list(DTYPES), help="cast the branch weights (default: as in the checkpoint)")
+    ext.set_defaults(func=cmd_extract_branches)
+
     new = sub.add_parser("new", help="write a freshly initialised model of a preset (a starting point for training)")
     new.add_argument("output", help="a .safetensors path")
     new.add_argument("--family", required=True, choices=list(models.FAMILIES))
@@ -648,6 +686,8 @@ def cmd_analyze(args) -> int:
     panels = []
     for path in [args.checkpoint] + ([args.twin] if args.twin else []):
         model, ckpt = load_model(path, dtype=DTYPES[args.dtype], device=_device(args.device))
+        if not panels:  # --skip-branches belong to the checkpoint, not to the twin
+            model, ckpt = _with_branches(args, model, ckpt)
         req = _request(args, model, ckpt.family)
         if not panels:
             skip_model, skip_req, skip_ckpt = model, req, ckpt

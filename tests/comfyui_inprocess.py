@@ -243,6 +243,8 @@ def run_check(check, nodes, pack, base_dir, loaded, records=None):
         result["handoff_max_abs"] = float((outs[0][1] - outs[1][1]).abs().max().detach())
     elif check == "wan":
         result.update(core_wan(nodes, pack, apply, state_mod))
+    elif check == "skip_branches":
+        result.update(core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records))
     elif check == "hunyuan_layouts":
         from safetensors.torch import load_file, save_file
 
@@ -479,6 +481,183 @@ def core_wan(nodes, pack, apply, state_mod) -> dict:
         result["variant_error"] = None
     except ValueError as e:
         result["variant_error"] = str(e)
+    return result
+
+
+SKIP_WAN_BASE = "skip-wan-core-tiny-base.safetensors"  # models/diffusion_models/: the Skip-Wan without its branches
+SKIP_WAN_FULL = "skip-wan-core-tiny-full.safetensors"  # the base directory itself: the whole Skip-Wan, for skipdit_core
+SKIP_WAN_BRANCHES = "skip-wan-core-tiny-branches.safetensors"  # models/skipdit_branches/: its branches alone
+
+
+def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) -> dict:
+    """Load Skip Branches on ComfyUI's own Wan (core Load Diffusion Model) against skipdit_core's Skip-Wan of the
+    same weights: the same output; Apply Skip-Cache after it cutting the long skips (n = 1 identical, 2k of L blocks
+    on cached steps, a cached call equal to skipdit_core's cut run, the depth checked against S); LoRA, fp8 base
+    weights, two threads; and the refusals."""
+    import threading
+    import types
+
+    import torch
+
+    import comfy.model_management
+    from skipdit_core.loading import load_model
+    from skipdit_core.models import StackCut
+
+    branch_mod = sys.modules[pack.__name__ + ".nodes.branch_patch"]
+    node = nodes.NODE_CLASS_MAPPINGS["SkipDiTLoadSkipBranches"]
+    unet = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]()
+    model = unet.load_unet(SKIP_WAN_BASE, "default")[0]
+    dm = model.model.diffusion_model
+    schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
+    result = {"model_class": type(dm).__module__ + "." + type(dm).__name__, "blocks": len(dm.blocks),
+              "listed": next(i for i in schema.inputs if i.id == "branches").options}
+    mark = len(records.messages)
+    patched = node.execute(model, SKIP_WAN_BRANCHES).args[0]
+    result["node_log"] = [m for m in records.messages[mark:] if m.startswith("Load Skip Branches")]
+    options = patched.model_options["transformer_options"]
+    branch_set = options[branch_mod.BRANCHES_KEY]
+    result["skips"] = branch_set.num_skips
+    result["patched_blocks"] = sorted(i for _, i in options["patches_replace"]["dit"])
+    own = model.model_options["transformer_options"]
+    result["input_untouched"] = branch_mod.BRANCHES_KEY not in own and not own.get("patches_replace")
+
+    # Parity: core Wan + the branches = skipdit_core's Skip-Wan (fp32, the same x, t, context).
+    ours, _ = load_model(os.path.join(base_dir, SKIP_WAN_FULL), dtype=torch.float32)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 2, 8, 8, generator=g)
+    t = torch.tensor([900.0, 250.0])
+    ctx = torch.randn(2, 16, 4096, generator=g) * 0.5
+    with torch.no_grad():
+        ref = ours(x, t, ctx)
+        call_options = dict(options)  # each model call gets a copy of the options (as _calc_cond_batch makes)
+        core = dm(x, t, ctx, transformer_options=call_options)
+        plain = dm(x, t, ctx, transformer_options={})
+    result["parity_rel_diff"] = rel_diff(core, ref)
+    result["without_branches_rel_diff"] = rel_diff(plain, ref)
+    result["outputs_left_in_options"] = branch_mod.STORE_KEY in call_options or branch_mod.STORE_KEY in options
+
+    # Two threads at once (MultiGPU CFG Split's device workers), each with its own copy of the options.
+    threaded, errors, barrier = [None, None], [], threading.Barrier(2)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                threaded[i] = dm(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], transformer_options=dict(options))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    result["threads"] = {"errors": errors, "rel_diff": max(rel_diff(threaded[i], ref[i:i + 1]) for i in range(2)) if not errors else None}
+
+    # Apply Skip-Cache on top: the long skips are cut (k = 1 and k = S = 2).
+    counts = block_counter(dm.blocks)
+    positive = [[torch.randn(1, 16, 4096, generator=g) * 0.5, {}]]
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+    steps = 6
+    runs = compare_intervals(nodes, apply, patched, counts, result, positive, positive, latent, steps, 1.0)
+    counts["calls"] = 0
+    k2 = run_sampler(nodes, skip_cache(apply, patched, 2, depth=2), positive, positive, latent, steps, 1.0)
+    result["block_calls_k2"] = counts["calls"]
+    result["k2_rel_diff"] = rel_diff(k2, runs["plain"])
+    result["steps"] = steps
+    try:
+        skip_cache(apply, patched, 2, depth=3)
+        result["depth3_error"] = None
+    except ValueError as e:
+        result["depth3_error"] = str(e)
+    result["depth3_on_base"] = skip_cache(apply, model, 2, depth=3) is not None  # 8 blocks, no skips: k = 3 fits
+    # A full call on one input, then a cached call on another: the cached call equals skipdit_core's cut run (the deep
+    # state of the full call, the first k blocks' fresh outputs through the skips); on the same input it reproduces
+    # the full call exactly.
+    xb = torch.randn(1, 16, 2, 8, 8, generator=g)
+    t1, c1 = t[:1], ctx[:1]
+    for depth in (1, 2):
+        p = skip_cache(apply, patched, 2, depth=depth)
+        popts = p.model_options["transformer_options"]
+        for name, second in (("other_input", xb), ("same_input", x[:1])):
+            state = popts[state_mod.STATE_KEY].new_run()
+            outs, kinds = [], []
+            for step_sigma, xi in ((1.0, x[:1]), (0.5, second)):
+                cut = state.begin("k", step_sigma, 600.0)
+                with torch.no_grad():
+                    outs.append(dm(xi, t1, c1, transformer_options=dict(popts)))
+                kinds.append(cut.kind)
+                state.end("k", cut, 0.0)
+            entry = {"kinds": kinds}
+            if name == "same_input":
+                entry["rel_diff_to_full"] = rel_diff(outs[1], outs[0])
+            else:
+                full_cut = StackCut(depth)
+                with torch.no_grad():
+                    ours(x[:1], t1, c1, cut=full_cut)
+                    expected = ours(second, t1, c1, cut=StackCut(depth, cached=full_cut.captured))
+                entry["rel_diff_to_ours"] = rel_diff(outs[1], expected)
+                entry["full_rel_diff_to_ours"] = rel_diff(outs[0], ref[:1])
+            result[f"handoff_k{depth}_{name}"] = entry
+            del state
+    result["outputs_left_after_cut"] = branch_mod.STORE_KEY in popts
+
+    # Refusals, one line each.
+    refusals = {}
+    variant_class = type("VaceWanModel", (type(dm),), {})
+    variant = model.clone()
+    variant.model = types.SimpleNamespace(diffusion_model=variant_class.__new__(variant_class))
+    cases = {
+        "not_wan": (loader.execute("latte-tiny-pixels-skip.safetensors", "fp32").args[0], SKIP_WAN_BRANCHES),
+        "variant": (variant, SKIP_WAN_BRANCHES),
+        "twice": (patched, SKIP_WAN_BRANCHES),
+        "after_skip_cache": (skip_cache(apply, model, 2), SKIP_WAN_BRANCHES),
+        "blocks": (model, "skip-wan-10-blocks-branches.safetensors"),
+        "width": (model, "skip-wan-width-256-branches.safetensors"),
+        "truncated": (model, "truncated-branches.safetensors"),
+    }
+    for name, (m, file) in cases.items():
+        try:
+            node.execute(m, file)
+            refusals[name] = None
+        except ValueError as e:
+            refusals[name] = str(e)
+    result["refusals"] = refusals
+
+    # A LoRA on the base's block weights (core LoraLoaderModelOnly, after Load Skip Branches): applied, and the
+    # branches still there: it equals skipdit_core's Skip-Wan with the same change to its weights.
+    lora_loader = nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]()
+    mark = len(records.messages)
+    with_lora = lora_loader.load_lora_model_only(patched, "wan-block0-lora.safetensors", 1.0)[0]
+    result["lora_keys_not_loaded"] = [m for m in records.messages[mark:] if "lora key not loaded" in m]
+    from safetensors.torch import load_file
+
+    lora = load_file(os.path.join(base_dir, "models", "loras", "wan-block0-lora.safetensors"))
+    comfy.model_management.load_models_gpu([with_lora])
+    with torch.no_grad():
+        lora_out = dm(x, t, ctx, transformer_options=dict(with_lora.model_options["transformer_options"]))
+        q = ours.blocks[0].self_attn.q.weight
+        q += lora["lora_unet_blocks_0_self_attn_q.lora_up.weight"] @ lora["lora_unet_blocks_0_self_attn_q.lora_down.weight"]
+        lora_ref = ours(x, t, ctx)
+    result["lora_rel_diff"] = rel_diff(lora_out, lora_ref)
+    result["lora_changed"] = rel_diff(lora_out, ref)
+    comfy.model_management.unload_all_models()
+
+    # fp8 base weights (core Load Diffusion Model, weight_dtype fp8_e4m3fn): the branches keep their float32.
+    try:
+        fp8 = node.execute(unet.load_unet(SKIP_WAN_BASE, "fp8_e4m3fn")[0], SKIP_WAN_BRANCHES).args[0]
+        comfy.model_management.load_models_gpu([fp8])
+        fp8_dm = fp8.model.diffusion_model
+        with torch.no_grad():
+            fp8_out = fp8.model.diffusion_model(x.to(fp8.model.get_dtype() if fp8.model.manual_cast_dtype is None
+                                                      else fp8.model.manual_cast_dtype), t, ctx,
+                                                transformer_options=dict(fp8.model_options["transformer_options"]))
+        fp8_set = fp8.model_options["transformer_options"][branch_mod.BRANCHES_KEY]
+        result["fp8"] = {"weights": str(fp8_dm.blocks[0].self_attn.q.weight.dtype), "branches": str(fp8_set.dtype),
+                         "rel_diff": rel_diff(fp8_out.float(), ref), "finite": bool(torch.isfinite(fp8_out).all())}
+        comfy.model_management.unload_all_models()
+    except Exception as e:  # noqa: BLE001 - reported, the test decides
+        result["fp8"] = {"error": repr(e)}
     return result
 
 

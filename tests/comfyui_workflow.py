@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 # Combos that list model files: a workflow names files the building server need not have.
-MODEL_FILE_INPUTS = {"checkpoint", "ckpt_name", "clip_name", "vae_name", "lora_name", "unet_name"}
+MODEL_FILE_INPUTS = {"checkpoint", "ckpt_name", "clip_name", "vae_name", "lora_name", "unet_name", "branches"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 

@@ -225,6 +225,32 @@ def wan():
     return nodes, (note(13, (760, 470), WAN_TEXT, size=(660.0, 320.0), title="Read me"),)
 
 
+SKIP_WAN_TEXT = """Skip-Wan: Wan 2.1 T2V 1.3B + skip branches, with Skip-Cache across the long skips, 832x480, 33 frames
+
+Files:
+- models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors: the base (core Load Diffusion Model; fp8 weights and LoRAs work too)
+- models/skipdit_branches/skip-wan2.1-t2v-1.3B-branches.safetensors: the Skip-Wan's skip branches alone (a few % of the model), written by `skipdit extract-branches SKIP_WAN.safetensors -o ...` from a Skip-Wan trained on this base (no released file: see docs/comfyui.md)
+- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (Load CLIP, type wan)
+- models/vae/wan_2.1_vae.safetensors
+
+Load Skip Branches puts the long skips on the base: block i feeds block 29 - i through Linear(LayerNorm(concat)), exactly the Skip-Wan. Connect it before Apply Skip-Cache (it refuses the other order).
+Apply Skip-Cache: n = 2, auto = t 1000 -> 0, k = 1. With the branches a cached step runs the first and last k blocks, the last k fed the fresh outputs of the first k through the long skips (k at most the number of skips). Bypass Load Skip Branches for the plain Wan.
+KSampler: the template's uni_pc + simple, 30 steps, cfg 6; ModelSamplingSD3 shift 8."""
+
+
+def skip_wan():
+    branches = Node(14, "SkipDiTLoadSkipBranches", (0, 500), {"branches": "skip-wan2.1-t2v-1.3B-branches.safetensors"},
+                    {"model": (1, 0)})
+    replaced = {
+        6: [branches, Node(6, "ModelSamplingSD3", (380, 0), {"shift": 8.0}, {"model": (14, 0)})],
+        12: [Node(12, "SaveVideo", (1460, 0), {"filename_prefix": "skipdit/skip-wan2.1-t2v", "format": "auto", "codec": "auto"},
+                  {"video": (11, 0)}, size=(420.0, SAVE_VIDEO_HEIGHT))],
+    }
+    # wan()'s nodes in their order (links are numbered in it; the SaveVideo link last, as in the other files)
+    nodes = [m for n in wan()[0] for m in replaced.get(n.id, [n])]
+    return nodes, (note(13, (760, 470), SKIP_WAN_TEXT, size=(660.0, 360.0), title="Read me"),)
+
+
 WORKFLOWS = {
     "skipdit-demo-moving-shapes": demo,
     "latte-t2v-skip-cache": latte_t2v,
@@ -232,6 +258,7 @@ WORKFLOWS = {
     "dit-class-to-image": dit,
     "hunyuan-dit-text-to-image": hunyuan,
     "wan2.1-t2v-1.3B-skip-cache": wan,
+    "wan2.1-t2v-1.3B-skip-branches": skip_wan,
 }
 
 

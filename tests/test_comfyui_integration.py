@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_inprocess import SKIP_WAN_BASE, SKIP_WAN_BRANCHES, SKIP_WAN_FULL
 from comfyui_server import COMFYUI_PATH, PACK_NAME, ROOT, Server, child_env, comfyui_python, error_text, make_base_dir, write_model
 
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set")
 
 NODE_IDS = [
-    "SkipDiTModelLoader", "SkipDiTApplySkipCache", "SkipDiTClassLabel", "SkipDiTLatteT2VTextEncode",
+    "SkipDiTModelLoader", "SkipDiTLoadSkipBranches", "SkipDiTApplySkipCache", "SkipDiTClassLabel", "SkipDiTLatteT2VTextEncode",
     "SkipDiTEmptyLatteLatent", "SkipDiTDecodeVideo",
 ]
 LATTE = "latte-tiny-pixels-skip.safetensors"
@@ -55,6 +56,7 @@ def base_dir(tmp_path_factory) -> Path:
     for name, seed in (("wan-core-tiny.safetensors", 1), ("wan-core-tiny-low.safetensors", 2)):
         write_model(core / name, "wan", None, seed=seed, dim=128, ffn_dim=256, num_layers=6, num_heads=1, in_channels=16,
                     out_channels=16, text_dim=4096, freq_dim=256, text_len=16)
+    write_skip_wan(base)
     (base / "models/loras").mkdir()
     g = torch.Generator().manual_seed(4)  # a rank-4 LoRA on the first spatial block's qkv, kohya key names
     from safetensors.torch import save_file
@@ -62,8 +64,43 @@ def base_dir(tmp_path_factory) -> Path:
     save_file({"lora_unet_blocks_0_attn_qkv.lora_up.weight": torch.randn(384, 4, generator=g) * 0.5,
                "lora_unet_blocks_0_attn_qkv.lora_down.weight": torch.randn(4, 128, generator=g) * 0.5,
                "lora_unet_blocks_0_attn_qkv.alpha": torch.tensor(4.0)}, str(base / "models/loras/latte-tiny-lora.safetensors"))
+    g = torch.Generator().manual_seed(8)  # a rank-4 LoRA on the Skip-Wan base's block 0 self-attention q
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(128, 4, generator=g) * 0.1,
+               "lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(4, 128, generator=g) * 0.1,
+               "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(4.0)}, str(base / "models/loras/wan-block0-lora.safetensors"))
     (own / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     return base
+
+
+def write_skip_wan(base: Path) -> None:
+    """A tiny Skip-Wan (8 blocks, 2 long skips, one head of 128, umT5's 4096-wide text input: what core detection
+    reads): its base in models/diffusion_models/ (core Load Diffusion Model), the whole model in the base directory
+    (for skipdit_core), its branches alone in models/skipdit_branches/ (Load Skip Branches), and branch files that
+    do not fit it (another depth, another width, truncated)."""
+    from dataclasses import replace
+
+    from helpers import randomize
+    from skipdit_core import models
+    from skipdit_core.loading import save_safetensors
+    from skipdit_core.skip_branches import branch_shapes, extract_branches, save_branches
+
+    config = models.make_config("wan", dict(dim=128, ffn_dim=256, num_layers=8, num_heads=1, in_channels=16, out_channels=16,
+                                            text_dim=4096, freq_dim=256, text_len=16, num_skips=2))
+    torch.manual_seed(0)
+    skip_wan = randomize(models.build_model("wan", config), seed=6)
+    sd = skip_wan.state_dict()
+    save_safetensors(sd, base / SKIP_WAN_FULL, "wan", config)
+    save_safetensors({k: v for k, v in sd.items() if not k.startswith("skip_")}, base / "models/diffusion_models" / SKIP_WAN_BASE,
+                     "wan", replace(config, num_skips=0))
+    folder = base / "models/skipdit_branches"
+    folder.mkdir(parents=True, exist_ok=True)
+    extract_branches(skip_wan, folder / SKIP_WAN_BRANCHES, base=SKIP_WAN_BASE)
+    g = torch.Generator().manual_seed(9)
+    for name, layers, dim in (("skip-wan-10-blocks-branches.safetensors", 10, 128), ("skip-wan-width-256-branches.safetensors", 8, 256)):
+        save_branches({k: torch.randn(shape, generator=g) for k, shape in branch_shapes(2, dim).items()}, folder / name, layers, dim,
+                      in_channels=16)
+    data = (folder / SKIP_WAN_BRANCHES).read_bytes()
+    (folder / "truncated-branches.safetensors").write_bytes(data[: len(data) // 2])
 
 
 # ----------------------------------------------------------------------------- server
@@ -140,6 +177,9 @@ def test_node_schemas_in_object_info(server):
     assert (inputs["start"][1]["default"], inputs["end"][1]["default"], inputs["depth"][1]["default"]) == (700.0, 50.0, 1)
     reuse = apply["input"]["optional"]["reuse"]
     assert reuse[1]["options"] == ["state", "residual"] and reuse[1]["default"] == "state"
+    branches = info["SkipDiTLoadSkipBranches"]
+    assert branches["input"]["required"]["model"][0] == "MODEL" and branches["output"] == ["MODEL"]
+    assert SKIP_WAN_BRANCHES in branches["input"]["required"]["branches"][1]["options"]  # models/skipdit_branches/
     assert info["SkipDiTClassLabel"]["output"] == ["CONDITIONING", "CONDITIONING"]
     assert info["SkipDiTDecodeVideo"]["input"]["optional"]["vae"][0] == "VAE"
     assert info["SkipDiTDecodeVideo"]["output"] == ["IMAGE"]
@@ -281,7 +321,7 @@ def test_interrupt_mid_run_then_a_correct_run(server, base_dir):
 
 @pytest.fixture(scope="module")
 def inprocess(base_dir) -> dict:
-    checks = "hunyuan,wan,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,odd_sizes,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
+    checks = "hunyuan,wan,skip_branches,hunyuan_layouts,latte_t2v,null_caption,threads,reload,compile,easycache,odd_sizes,t5,vae_decode,heun,pixel_clamp,v_prediction,bundled"  # "bundled" changes folders: last
     done = subprocess.run(
         [comfyui_python(), str(ROOT / "tests" / "comfyui_inprocess.py"), COMFYUI_PATH,
          str(base_dir / "custom_nodes" / PACK_NAME), str(base_dir), checks],
@@ -345,6 +385,55 @@ def test_skip_cache_on_core_wan(inprocess):
     assert r["chain_expected"][0] == [5, 0] and r["chain_expected"][1][1] > 0, r["chain_timesteps"]
     assert r["alive_after"] == {}
     assert "the Wan variant VaceWanModel is not supported" in r["variant_error"]
+
+
+def test_skip_branches_on_core_wan(inprocess):
+    """Load Skip Branches puts a Skip-Wan's branches on ComfyUI's own Wan (core Load Diffusion Model): the result is
+    skipdit_core's Skip-Wan; Apply Skip-Cache after it cuts the long skips (cached steps run 2k of L blocks, the last k
+    fed by the first k through the skips), and refuses k > S; LoRAs and fp8 base weights keep working."""
+    r = inprocess["skip_branches"]
+    assert r["model_class"] == "comfy.ldm.wan.model.WanModel"
+    L, S, steps = r["blocks"], r["skips"], r["steps"]
+    assert (L, S) == (8, 2) and SKIP_WAN_BRANCHES in r["listed"]
+    assert r["patched_blocks"] == [0, 1, 6, 7] and r["input_untouched"]
+    (line,) = r["node_log"]
+    assert "2 long skips on 8 blocks (blocks 0..1 feed 7..6)" in line and "% of the Skip-Wan" in line
+    # core Wan + the branches = skipdit_core's Skip-Wan, fp32, the same x, t, context
+    assert r["parity_rel_diff"] <= 1e-5 and r["without_branches_rel_diff"] > 1e-2, r["parity_rel_diff"]
+    assert not r["outputs_left_in_options"] and not r["outputs_left_after_cut"]
+    assert r["threads"]["errors"] == [] and r["threads"]["rel_diff"] <= 1e-5
+    # Apply Skip-Cache on it: n = 1 identical; cached steps run 2k of the L blocks
+    assert r["block_calls_plain"] == r["block_calls_n1"] == steps * L and r["n1_identical"]
+    assert r["block_calls_n2"] == steps // 2 * L + steps // 2 * 2
+    assert r["block_calls_k2"] == steps // 2 * L + steps // 2 * 4
+    assert 0 < r["n2_rel_diff"] < 0.5 and 0 < r["k2_rel_diff"] < 0.5
+    lines = [m for m in r["log"] if m.startswith("Skip-Cache [Skip-Wan (ComfyUI + skip branches), n=2")]
+    assert len(lines) == 2 and all(f"{steps // 2} full + {steps // 2} cached of {steps} steps" in m for m in lines)
+    assert f"{steps // 2 * L + steps // 2 * 4} of {steps * L} blocks run" in lines[1]
+    # the depth is checked against the long skips (the plain base takes k = 3 of 8 blocks, the Skip-Wan k <= 2)
+    assert "it has 2 long skips, so k must be in 1..2" in r["depth3_error"] and r["depth3_on_base"]
+    for k in (1, 2):  # a cached call = skipdit_core's cut run; on the full call's own input, the full call exactly
+        other, same = r[f"handoff_k{k}_other_input"], r[f"handoff_k{k}_same_input"]
+        assert other["kinds"] == same["kinds"] == ["full", "cached"]
+        assert other["full_rel_diff_to_ours"] <= 1e-5 and other["rel_diff_to_ours"] <= 1e-5, other
+        assert same["rel_diff_to_full"] == 0.0
+    # refused, one line each
+    refusals = r["refusals"]
+    assert all(m is not None and "\n" not in m for m in refusals.values()), refusals
+    assert "is not ComfyUI's Wan" in refusals["not_wan"]
+    assert "the Wan variant VaceWanModel is not supported" in refusals["variant"]
+    assert "already has skip branches (the node is applied twice)" in refusals["twice"]
+    assert "connect Load Skip Branches before Apply Skip-Cache" in refusals["after_skip_cache"]
+    assert "skip-wan-10-blocks-branches.safetensors: made for a Wan of 10 blocks, but the base model has 8 blocks" in refusals["blocks"]
+    assert "skip-wan-width-256-branches.safetensors: made for a Wan of width 256, but the base model has width 128" in refusals["width"]
+    assert "truncated-branches.safetensors: truncated" in refusals["truncated"]
+    # a LoRA on the base's block weights, after the node: applied, the branches kept
+    assert r["lora_keys_not_loaded"] == [] and r["lora_changed"] > 1e-3 and r["lora_rel_diff"] <= 1e-5, r
+    # fp8 base weights: the branches stay float32
+    fp8 = r["fp8"]
+    assert "error" not in fp8, fp8
+    assert fp8["weights"] == "torch.float8_e4m3fn" and fp8["branches"] == "torch.float32" and fp8["finite"]
+    assert fp8["rel_diff"] < 0.2, fp8
 
 
 def test_hunyuan_layouts_load_through_one_loader(inprocess):

@@ -67,6 +67,7 @@ def model_files(workflow: dict) -> dict[str, str]:
 # The widget names of the loaders used in workflows/ (their first widgets), for checks without a server.
 LOADER_WIDGETS = {
     "SkipDiTModelLoader": ("checkpoint", "weight_dtype"),
+    "SkipDiTLoadSkipBranches": ("branches",),
     "UNETLoader": ("unet_name", "weight_dtype"),
     "CheckpointLoaderSimple": ("ckpt_name",),
     "CLIPLoader": ("clip_name", "type", "device"),
@@ -259,15 +260,15 @@ def test_shipped_video_nodes_read_under_the_0_38_schemas():
             else:
                 prefix, fmt, format_codec, codec = node["widgets_values"]
                 assert values == {"filename_prefix": prefix, "format": fmt, "format.codec": format_codec, "codec": codec}
-    assert seen == 8  # the four video workflows, both nodes each (the two image ones have neither)
+    assert seen == 10  # the five video workflows, both nodes each (the two image ones have neither)
 
 
 # ----------------------------------------------------------------------------- the files (CI)
 
 
-def test_the_six_workflows_exist():
+def test_the_seven_workflows_exist():
     assert NAMES == {DEMO, "latte-t2v-skip-cache", "latte-ucf101-class-to-video", "dit-class-to-image",
-                     "hunyuan-dit-text-to-image", "wan2.1-t2v-1.3B-skip-cache"}
+                     "hunyuan-dit-text-to-image", "wan2.1-t2v-1.3B-skip-cache", "wan2.1-t2v-1.3B-skip-branches"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -379,7 +380,7 @@ LAYOUT_CHANGES = {"0.33.0": set(), "0.3.64": CHANGED_SINCE_0_3_64}
 
 @needs_comfyui
 def test_the_workflow_descriptions_build_against_both_versions(object_info, comfyui_version):
-    """tests/make_workflows.py writes the six shipped files from 0.33's schemas of the core nodes and this
+    """tests/make_workflows.py writes the seven shipped files from 0.33's schemas of the core nodes and this
     server's of the pack's, on every version; on 0.33 those stored schemas are the server's own. Built from this
     server's schemas alone, exactly the core nodes that changed between its version and 0.33 come out otherwise.
     With 0.38's video nodes (dynamic combos) each converts."""
@@ -561,7 +562,7 @@ def test_video_workflows_under_0_38_video_schemas_convert_as_the_frontend_builds
     laid out for the dynamic combos)."""
     schemas = object_info | V038_VIDEO
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}  # noqa: E731
-    assert len(frontend_038_video) == 4
+    assert len(frontend_038_video) == 5
     for name, r in frontend_038_video.items():
         assert r["unregistered"] == [] and r["missing"] == [] and not r["missingDialog"], (name, r)
         ours = ui_to_api(load(name), schemas)

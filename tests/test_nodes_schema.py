@@ -26,7 +26,7 @@ from skipdit_core.skip_cache import SkipCacheConfig, simulate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution", "latent_preview"}
-COMFY_FREE = ["__init__.py", "nodes/__init__.py", "nodes/adapters.py", "nodes/cache_state.py"]
+COMFY_FREE = ["__init__.py", "nodes/__init__.py", "nodes/adapters.py", "nodes/cache_state.py", "nodes/branch_patch.py"]
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
@@ -64,7 +64,7 @@ def test_node_ids_prefixed_unique_and_all_registered():
                 classes.add(node.name)
             if isinstance(node, ast.keyword) and node.arg == "node_id":
                 ids.append(node.value.value)
-    assert len(ids) == len(classes) == 6 and len(set(ids)) == len(ids)
+    assert len(ids) == len(classes) == 7 and len(set(ids)) == len(ids)
     assert all(i.startswith("SkipDiT") for i in ids), ids  # never clash with core node ids
     ext = ast.parse((ROOT / "nodes" / "extension.py").read_text())
     (nodes_list,) = [n.value for n in ext.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "NODES"]

@@ -293,7 +293,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each trajectory, uncached and cached alternating (the fastest of each kept); "
                         "0: no timing (fidelity and block compute only)")
-    p.add_argument("--peer-rows", help="a JSON list of peer rows measured elsewhere on the same trajectories (e.g. "
+    p.add_argument("--peer-rows", nargs="+", default=[], help="a JSON list of peer rows measured elsewhere on the same trajectories (e.g. "
                    "benchmarks/comfyui_caches.py --json: ComfyUI's EasyCache / LazyCache), added to the peers")
     p.add_argument("--rows-out", help="write every row (Skip-Cache and peers) to this JSON file")
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "benchmarks"))
@@ -326,8 +326,8 @@ def main() -> None:
             peers += [{**r, "method": "Skip-Cache preset (twin)"}
                       for r in skip_cache_rows(twin_traj, (), (), False, presets=presets)]
         on_skip = peer_rows(skip_traj, args.skip_peers, " (skip model)")
-    if args.peer_rows:
-        with open(args.peer_rows) as f:
+    for path in args.peer_rows:
+        with open(path) as f:
             measured = [r for r in json.load(f) if not r["method"].startswith("Skip-Cache")]
         peers += [{**r, "method": r["method"] + (" (ComfyUI)" if "comfyui" in r else ""), "lpips": r.get("lpips", math.nan),
                    "speedup": r.get("speedup", math.nan) if timed else math.nan} for r in measured]

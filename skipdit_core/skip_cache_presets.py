@@ -26,6 +26,12 @@ PRESETS: dict[tuple[str, bool], dict[str, SkipCacheConfig]] = {
         "3x": _whole(4, forecast=2, damping=0.7, empty=2),
         "4x": _whole(5, forecast=1, damping=0.7, empty=4),
     },
+    ("wan", False): {
+        "1.5x": _whole(2, forecast=1, damping=0.7, empty=1),
+        "2x": _whole(3, forecast=1, damping=0.7, empty=1),
+        "3x": _whole(4, forecast=1, damping=0.7, empty=1),
+        "4x": _whole(6, forecast=1, damping=0.7),
+    },
 }
 
 FAMILY_NAMES = {"dit": "DiT", "latte": "Latte", "latte_t2v": "Latte T2V", "hunyuan": "Hunyuan-DiT", "wan": "Wan"}

@@ -452,6 +452,15 @@ def core_wan(nodes, pack, apply, state_mod) -> dict:
         result[f"handoff_{reuse}"] = {"kinds": [kind for kind, _ in outs], "rel_diff": rel_diff(outs[1][1], outs[0][1]),
                                       "settings": options[state_mod.STATE_KEY].describe_settings()}
         del state, outs
+    # The node's preset input: the Wan preset's settings, named in the settings the log line gives; core
+    # Hunyuan-DiT has no presets (refused in one line, tested with the Hunyuan check's model elsewhere).
+    from skipdit_core.skip_cache_presets import PRESETS
+
+    for name in PRESETS[("wan", False)]:
+        preset = apply.execute(model, 2, "auto", "timesteps", 700.0, 50.0, 1, 0, 1.0, 0, False, "state", name).args[0]
+        setup = preset.model_options["transformer_options"][state_mod.STATE_KEY]
+        result.setdefault("presets", {})[name] = {"config": setup.config == PRESETS[("wan", False)][name],
+                                                  "settings": setup.describe_settings()}
     # Wan 2.2 A14B: a high-noise expert samples steps 0..5 of 10 and hands on its noisy latent, a low-noise expert
     # steps 5..10; each through its own Apply Skip-Cache (the paper's window 700 -> 50, n = 2).
     low = unet.load_unet("wan-core-tiny-low.safetensors", "default")[0]

@@ -196,7 +196,7 @@ Files (the names of ComfyUI's Wan 2.1 text-to-video template, from Comfy-Org/Wan
 - models/vae/wan_2.1_vae.safetensors
 
 Wan has no long skips: on cached steps Apply Skip-Cache runs the first and last block, the last resuming from the deep features of the last full step (reuse = state) or from its own features plus the change the middle blocks made (reuse = residual).
-Apply Skip-Cache: n = 2, settings auto = window t 1000 -> 0, k = 1 for Wan (chosen on a small trained Wan, docs/wan-shapes.md: the paper's 700 -> 50 holds only the last fifth of the steps under shift 8). The log line after each run gives the cached steps and the measured speedup.
+Apply Skip-Cache: preset 2x = n = 3 over the whole schedule (t 1000 -> 0), k = 1, forecast 1 damped 0.7, 1 empty step per interval with the forecast warm-up (chosen on tuning seeds of a small trained Wan and reported on held-out ones, docs/presets.md). Set preset to 1.5x for more fidelity, 3x / 4x for more speed, or off to use the inputs above it. The log line after each run gives the cached steps and the measured speedup.
 KSampler: the template's uni_pc + simple, 30 steps, cfg 6; ModelSamplingSD3 shift 8."""
 
 
@@ -211,7 +211,8 @@ def wan():
         Node(5, "EmptyHunyuanLatentVideo", (0, 330), {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
         Node(6, "ModelSamplingSD3", (380, 0), {"shift": 8.0}, {"model": (1, 0)}),
         Node(7, "SkipDiTApplySkipCache", (380, 110),
-             {"interval": 2, "settings": "auto", "window_unit": "timesteps", "start": 1000.0, "end": 0.0, "depth": 1},
+             {"interval": 2, "settings": "auto", "window_unit": "timesteps", "start": 1000.0, "end": 0.0, "depth": 1,
+              "preset": "2x"},
              {"model": (6, 0)}),
         Node(8, "KSampler", (760, 0), {"seed": 0, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple",
                                        "denoise": 1.0},

@@ -385,6 +385,10 @@ def test_skip_cache_on_core_wan(inprocess):
     assert r["chain_expected"][0] == [5, 0] and r["chain_expected"][1][1] > 0, r["chain_timesteps"]
     assert r["alive_after"] == {}
     assert "the Wan variant VaceWanModel is not supported" in r["variant_error"]
+    # the preset input replaces the other inputs with the Wan preset of that name
+    assert set(r["presets"]) == {"1.5x", "2x", "3x", "4x"}
+    for name, p in r["presets"].items():
+        assert p["config"] and p["settings"].startswith(f"preset {name}: n="), p
 
 
 def test_skip_branches_on_core_wan(inprocess):

@@ -308,7 +308,9 @@ def test_demo_workflow_is_the_demo_command():
     by_type = {n["type"]: n for n in wf["nodes"]}
     assert by_type["SkipDiTModelLoader"]["widgets_values"][0] == demo.DEMO_MODEL.name
     assert 0 <= by_type["SkipDiTClassLabel"]["widgets_values"][0] < len(demo.SHAPE_CLASSES)
-    interval, settings, unit, start, end, depth, forecast, damping, empty, warmup, reuse = by_type["SkipDiTApplySkipCache"]["widgets_values"]
+    (interval, settings, unit, start, end, depth, forecast, damping, empty, warmup, reuse,
+     preset) = by_type["SkipDiTApplySkipCache"]["widgets_values"]
+    assert preset == "off"  # the demo is the paper's rule, as skipdit demo, not a preset
     assert (interval, settings) == (demo.DEMO_CACHE.interval, "auto")  # auto: Latte's authors' window
     assert (start, end, depth) == (demo.DEMO_CACHE.start, demo.DEMO_CACHE.end, demo.DEMO_CACHE.depth)
     assert forecast == demo.DEMO_CACHE.forecast == 0  # the paper's reuse, as skipdit demo

@@ -97,3 +97,20 @@ def test_the_trained_wan_draws_its_classes_in_their_colours():
             moving += float((centroid(frames[0]) - centroid(frames[-1])).norm()) > 1.0
     assert colours == 8, f"{colours} of 8 samples in the requested class's colour"
     assert shapes >= 4 and moving >= 3, (shapes, moving)
+
+
+def test_the_skip_wan_miniature_pair_is_the_trained_wan_with_and_without_long_skips():
+    """docs/skip-wan.md: the converted Wan (15 long skips) and the vanilla one trained on as long, both from wan-shapes;
+    the Skip-Wan's non-branch tensors have the base's names and shapes, and its branches are 7% of it (width 128)."""
+    skip, ckpt = load_model(os.path.join(DEEP, "skip-wan-shapes.safetensors"))
+    twin, _ = load_model(os.path.join(DEEP, "wan-shapes-continued.safetensors"))
+    base, _ = load_model(WAN_SHAPES)
+    assert ckpt.family == "wan" and skip.stack.num_units == 30 and skip.stack.num_skips == 15
+    assert twin.stack.num_skips == 0
+    vanilla = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in twin.state_dict().items()} == vanilla
+    sd = skip.state_dict()
+    branches = {k for k in sd if k.startswith(("skip_norms.", "skip_linears."))}
+    assert {k: tuple(v.shape) for k, v in sd.items() if k not in branches} == vanilla
+    share = sum(sd[k].numel() for k in branches) / sum(v.numel() for v in sd.values())
+    assert 0.05 < share < 0.2, share

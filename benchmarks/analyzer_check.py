@@ -22,7 +22,7 @@ sys.path.insert(0, HERE)
 
 from fidelity import class_requests  # noqa: E402
 
-from skipdit_core.cache_search import Reference, block_compute, candidates, request_timesteps, score, search  # noqa: E402
+from skipdit_core.cache_search import Reference, block_compute, candidates, score, search  # noqa: E402
 from skipdit_core.loading import load_model  # noqa: E402
 from skipdit_core.skip_cache_presets import PRESET_SPEEDS, preset_config  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     user = class_requests(model, family, args.classes, args.analyzer_seeds)
     report = class_requests(model, family, args.classes, args.report_seeds)
     user_ref, report_ref = Reference(model, user), Reference(model, report)
-    ts = request_timesteps(model, report[0])
+    ts = report_ref.schedule()
     print(f"model: {args.model}; analyzer on classes {args.classes} x seeds {args.analyzer_seeds} within "
           f"{args.seconds:g} s per target; held out: seeds {args.report_seeds} ({len(report)} trajectories)")
     print("| target | analyzer's suggestion | compute | held-out PSNR dB (min..max) | preset | compute | "

@@ -149,10 +149,9 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
                     empty: bool = False, presets: dict | None = None) -> list[dict]:
     """One row per setting of the grid, or per preset ({name: SkipCacheConfig}) when `presets` is given."""
     rows = []
-    caches = (list(presets.values()) if presets is not None
-              else settings(intervals, windows, 1, grid, tuple(forecasts), damping, empty=empty)[1:])
-    names = {id(c): name for name, c in (presets or {}).items()}
-    for cache in caches:
+    named = (list(presets.items()) if presets is not None
+             else [(None, c) for c in settings(intervals, windows, 1, grid, tuple(forecasts), damping, empty=empty)[1:]])
+    for name, cache in named:
         fractions = []  # one per run: the mean over trajectories, not the last one's
 
         def run(req, cache=cache):
@@ -162,7 +161,7 @@ def skip_cache_rows(traj: Trajectories, intervals, windows, grid: bool, forecast
 
         window = f"{cache.start:g}->{cache.end:g}"
         rows.append({"method": "Skip-Cache preset" if presets is not None else skip_cache_method(cache),
-                     "setting": (f"preset {names[id(cache)]}: " if id(cache) in names else "") + label(cache),
+                     "setting": (f"preset {name}: " if name else "") + label(cache),
                      "interval": cache.interval, "window": window, "forecast": cache.forecast, "empty": cache.empty_steps,
                      **traj.compare(run),
                      "compute": sum(fractions) / len(fractions)})

@@ -56,31 +56,41 @@ def block_compute(config: SkipCacheConfig, timesteps: Sequence[float], num_units
     return stats.blocks_run / stats.blocks_uncached
 
 
-def request_timesteps(model, req: Request) -> list[float]:
-    """The timesteps the model is called at for `req`, from one uncached run of it."""
+def _generate_recording_timesteps(model, req: Request):
+    """(the uncached run of `req`, the timesteps the model was called at)."""
     seen: list[float] = []
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(float(
         (args[1] if len(args) > 1 else kwargs["t"]).reshape(-1)[0])), with_kwargs=True)
     try:
-        generate(model, req)
+        return generate(model, req), seen
     finally:
         hook.remove()
-    return seen
 
 
 @dataclass
 class Reference:
-    """The uncached frames of each request, made once and shared by every setting scored against them."""
+    """The uncached frames of each request, made once and shared by every setting scored against them; the run of
+    the first request also gives the schedule's timesteps (every request has the same sampler and steps)."""
 
     model: object
     requests: list
     frames: list = field(default_factory=list)
+    timesteps: list = field(default_factory=list)
 
     def get(self, i: int) -> torch.Tensor:
         while len(self.frames) <= i:
             req = self.requests[len(self.frames)]
-            self.frames.append(to_frames(req.family, generate(self.model, req).sample).clamp(-1, 1))
+            if self.frames:
+                result = generate(self.model, req)
+            else:
+                result, self.timesteps = _generate_recording_timesteps(self.model, req)
+            self.frames.append(to_frames(req.family, result.sample).clamp(-1, 1))
         return self.frames[i]
+
+    def schedule(self) -> list[float]:
+        """The timesteps of the requests' schedule (from the first request's uncached run)."""
+        self.get(0)
+        return self.timesteps
 
 
 def score(model, config: SkipCacheConfig, ref: Reference, count: int) -> dict:
@@ -109,7 +119,7 @@ def search(model, requests: Sequence[Request], budget: float, candidates: Sequen
     stack = model.stack
     family = getattr(model, "family", None)
     ref = reference or Reference(model, list(requests))
-    timesteps = request_timesteps(model, requests[0])
+    timesteps = ref.schedule()
     costed = [(block_compute(c, timesteps, stack.num_units, stack.num_skips, family), c) for c in candidates
               if c.depth <= stack.max_depth]
     within = sorted([(f, c) for f, c in costed if f <= budget], key=lambda fc: -fc[0])[:keep]

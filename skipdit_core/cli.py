@@ -719,7 +719,7 @@ def _suggest_from_trajectories(args, model, req, family: str) -> None:
     same trajectories beside it."""
     from dataclasses import replace
 
-    from .cache_search import Reference, block_compute, candidates, request_timesteps, score, search
+    from .cache_search import Reference, block_compute, candidates, score, search
     from .skip_cache_presets import PRESETS
 
     speed = float(args.speed.rstrip("x"))
@@ -750,7 +750,7 @@ def _suggest_from_trajectories(args, model, req, family: str) -> None:
     if not presets:
         print("  (no presets exist for this kind of model to compare with)")
         return
-    ts = request_timesteps(model, reqs[0])
+    ts = ref.schedule()
     print(f"  the presets on the same {used} trajectories:")
     for name, config in presets.items():
         f = block_compute(config, ts, model.stack.num_units, model.stack.num_skips, family)

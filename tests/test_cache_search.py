@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import randomize
 
-from skipdit_core.cache_search import Reference, block_compute, candidates, request_timesteps, score, search
+from skipdit_core.cache_search import Reference, block_compute, candidates, score, search
 from skipdit_core.models import build_model, make_config
 from skipdit_core.pipeline import Request
 from skipdit_core.skip_cache import SkipCacheConfig, simulate
@@ -56,7 +56,7 @@ def test_search_stays_within_budget_ranks_by_mean_psnr_and_is_deterministic(latt
     again = search(latte, reqs, 0.6, cands, keep=3, first=1, reference=ref)
     assert again[0]["config"] == rows[0]["config"] and again[0]["psnr"] == rows[0]["psnr"]
     # the entrants are the 3 candidates closest to the budget, and the winner is the best of the last round
-    ts = request_timesteps(latte, reqs[0])
+    ts = ref.schedule()  # from the uncached run of the first request
     assert len(ts) == 8
     cost = {c: block_compute(c, ts, 4, 2, "latte") for c in cands}
     entered = sorted([c for c in cands if cost[c] <= 0.6], key=lambda c: -cost[c])[:3]

@@ -6,8 +6,9 @@ A Skip-Wan is core Wan's blocks plus S fusion branches (`skipdit_core.skip_branc
 what it returns as the block's output. `SkipBranchPatch` on block i:
 
 - i < S (a source): runs the block and remembers its output under unit i;
-- i >= L - S (a receiver, fed by unit L-1-i): replaces its input h by Linear(LayerNorm(concat([h, skip]))), the
-  LayerNorm in float32 as `skipdit_core.models.ustack.fuse_skip`, then runs the block.
+- i >= L - S (a receiver, fed by unit L-1-i): replaces its input h by Linear(LayerNorm(concat([h, skip]))), or by h
+  plus that with the file's residual fusion, the LayerNorm in float32 as `skipdit_core.models.ustack.fuse_skip`, then
+  runs the block.
 
 The outputs are remembered in the model call's own `transformer_options` (the dict forward_orig passes to every
 block patch of one call; ComfyUI makes one per call), under `STORE_KEY`, by unit: a dict made afresh by block 0
@@ -50,6 +51,7 @@ class SkipBranchSet:
     def __init__(self, state_dict: dict, info: BranchInfo):
         self.info = info
         self.num_layers, self.num_skips, self.dim = info.num_layers, info.num_skips, info.dim
+        self.residual = info.fusion == "residual"
         self.weights = [
             tuple(state_dict[f"{prefix}.{j}{mid}.{name}"]
                   for prefix, mid in (("skip_norms", ""), ("skip_linears", ".linear")) for name in ("weight", "bias"))
@@ -83,11 +85,13 @@ class SkipBranchSet:
         return cast
 
     def fuse(self, j: int, hidden: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """Branch j: Linear(LayerNorm(concat([hidden, skip], -1))), the LayerNorm in float32 (`fuse_skip`)."""
+        """Branch j: Linear(LayerNorm(concat([hidden, skip], -1))), hidden plus that for the residual fusion, the
+        LayerNorm in float32 (`fuse_skip`)."""
         nw, nb, lw, lb = self._on(hidden.device, hidden.dtype)[j]
         x = torch.cat([hidden, skip.to(hidden.dtype)], dim=-1)
         x = F.layer_norm(x.float(), (2 * self.dim,), nw, nb, LAYER_NORM_EPS).to(hidden.dtype)
-        return F.linear(x, lw, lb)
+        out = F.linear(x, lw, lb)
+        return hidden + out if self.residual else out
 
     def blocks(self) -> list[int]:
         """The blocks that get a patch: the sources 0..S-1 and the receivers L-S..L-1."""
@@ -97,7 +101,7 @@ class SkipBranchSet:
     def describe(self) -> str:
         share = f", {100 * self.info.fraction:.1f}% of the Skip-Wan" if self.info.fraction else ""
         return (f"{self.num_skips} long skips on {self.num_layers} blocks (blocks 0..{self.num_skips - 1} feed "
-                f"{self.num_layers - 1}..{self.num_layers - self.num_skips}), width {self.dim}, "
+                f"{self.num_layers - 1}..{self.num_layers - self.num_skips}), {self.info.fusion} fusion, width {self.dim}, "
                 f"{self.info.parameters:,} parameters{share}, {str(self.dtype).replace('torch.', '')}")
 
 

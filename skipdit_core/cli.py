@@ -43,7 +43,8 @@ def cmd_info(args) -> int:
         return 0
     print(f"{info['file']}")
     print(f"  family      {info['family']} ({info['description']})")
-    print(f"  variant     {info['variant']} ({info['long_skips']} long skips)")
+    fusion = ", residual fusion" if info["skip_fusion"] == "residual" else ""
+    print(f"  variant     {info['variant']} ({info['long_skips']} long skips{fusion})")
     print(f"  weights     {info['weights_from']}, {info['layout']} layout, {info['parameters']:,} parameters, {'/'.join(info['dtypes'])}")
     print("  config      " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     for key, aside in info["set_aside"].items():

@@ -69,6 +69,7 @@ class Checkpoint:
             "description": models.FAMILIES[self.family].description,
             "variant": "skip" if num_skips else "vanilla",
             "long_skips": num_skips,
+            "skip_fusion": getattr(cfg, "skip_fusion", "replace") if num_skips else None,
             "weights_from": self.container or "top level",
             "layout": self.layout,
             "parameters": n_params,

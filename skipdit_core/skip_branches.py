@@ -11,6 +11,7 @@ the output of unit S-1-j. Everything else is the base model's. A *skip-branches 
     skipdit.num_skips    S
     skipdit.dim          D, the base model's width
     skipdit.in_channels  the base model's latent channels (16 for Wan 2.1 T2V; 36 would be an I2V model)
+    skipdit.skip_fusion  "replace" (the paper's fusion; the default when absent) or "residual" (hidden + branch)
     skipdit.base         the base the Skip-Wan was trained from, when known (free text, e.g. a file name)
     skipdit.skip_model_parameters   parameters of the whole Skip-Wan, when extracted from one (for the fraction)
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from .loading import CheckpointError, _read_safetensors, _sniff, inspect_checkpoint, write_safetensors
-from .models.ustack import UStack
+from .models.ustack import UStack, check_skip_fusion
 
 FORMAT = "skipdit-skip-branches"
 FAMILY = "wan"
@@ -43,6 +44,7 @@ META_DIM = "skipdit.dim"
 META_IN_CHANNELS = "skipdit.in_channels"
 META_BASE = "skipdit.base"
 META_MODEL_PARAMETERS = "skipdit.skip_model_parameters"
+META_FUSION = "skipdit.skip_fusion"
 LAYER_NORM_EPS = 1e-6  # SkipBranchesMixin's LayerNorm
 
 _BRANCH_KEY = re.compile(r"(skip_norms\.\d+\.(weight|bias))|(skip_linears\.\d+\.linear\.(weight|bias))")
@@ -82,6 +84,7 @@ class BranchInfo:
     skip_model_parameters: Optional[int] = None
     dtypes: tuple = ()
     family: str = FAMILY
+    fusion: str = "replace"  # ustack.SKIP_FUSIONS
 
     @property
     def parameters(self) -> int:
@@ -100,6 +103,7 @@ class BranchInfo:
         return {
             "file": self.path, "format": FORMAT, "family": self.family, "num_layers": self.num_layers,
             "num_skips": self.num_skips, "dim": self.dim, "in_channels": self.in_channels, "base": self.base,
+            "skip_fusion": self.fusion,
             "parameters": self.parameters, "skip_model_parameters": self.skip_model_parameters,
             "fraction": self.fraction, "dtypes": list(self.dtypes),
         }
@@ -115,7 +119,7 @@ class BranchInfo:
             + (f", {self.in_channels} latent channels" if self.in_channels else "")
             + (f"; trained from {self.base}" if self.base else ""),
             f"  skips       {self.num_skips}: blocks {first}..{last} feed blocks {self.num_layers - 1 - first}.."
-            f"{self.num_layers - 1 - last}",
+            f"{self.num_layers - 1 - last}, {self.fusion} fusion",
             f"  weights     {self.parameters:,} parameters{share}, {'/'.join(self.dtypes)}",
         ]
 
@@ -127,24 +131,25 @@ class BranchFileError(CheckpointError):
 # --------------------------------------------------------------------------- writing
 
 
-def _skip_wan_state_dict(source) -> tuple[dict, Optional[str], Optional[int]]:
-    """(original-layout state dict, where it came from, in_channels) of a Skip-Wan model, state dict or file."""
+def _skip_wan_state_dict(source) -> tuple[dict, Optional[str], Optional[int], Optional[str]]:
+    """(original-layout state dict, where it came from, in_channels, skip fusion) of a Skip-Wan model, state dict or
+    file. A bare state dict does not say its fusion (None)."""
     if isinstance(source, nn.Module):
         if getattr(source, "family", None) != FAMILY:
             raise ValueError(f"skip branches are extracted from a Skip-Wan, not a {type(source).__name__}")
-        return source.state_dict(), None, source.config.in_channels
+        return source.state_dict(), None, source.config.in_channels, source.config.skip_fusion
     if isinstance(source, (str, os.PathLike)):
         ckpt = inspect_checkpoint(source)
         if ckpt.family != FAMILY:
             raise BranchFileError(ckpt.path, f"a {ckpt.family} checkpoint: skip branches are extracted from a Skip-Wan")
-        return ckpt.state_dict, ckpt.path, ckpt.config.in_channels
+        return ckpt.state_dict, ckpt.path, ckpt.config.in_channels, ckpt.config.skip_fusion
     from .models import wan
 
     sd = dict(source)
     if wan.is_wan(sd):
         sd, _ = wan.to_original_layout(sd)
     patch = sd.get("patch_embedding.weight")
-    return sd, None, None if patch is None else int(patch.shape[1])
+    return sd, None, None if patch is None else int(patch.shape[1]), None
 
 
 def _num_layers(sd: dict) -> int:
@@ -156,15 +161,17 @@ def _num_layers(sd: dict) -> int:
 
 def save_branches(branches: dict, path: Union[str, os.PathLike], num_layers: int, dim: int, *,
                   in_channels: Optional[int] = None, base: Optional[str] = None,
-                  skip_model_parameters: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> BranchInfo:
+                  skip_model_parameters: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                  fusion: str = "replace") -> BranchInfo:
     """Write branch tensors (exactly `branch_keys(S)` at `branch_shapes(S, dim)`) as a skip-branches file."""
+    check_skip_fusion(fusion)
     num_skips = sum(1 for k in branches if re.fullmatch(r"skip_norms\.\d+\.weight", k))
     _check_tensors(str(path), branches, num_skips, dim)
     UStack(num_layers, num_skips)  # 2S <= L
     tensors = {k: (branches[k].to(dtype) if dtype else branches[k]).detach().cpu().contiguous().clone()
                for k in branch_keys(num_skips)}
     metadata = {META_FORMAT: FORMAT, META_FAMILY: FAMILY, META_LAYERS: str(num_layers), META_SKIPS: str(num_skips),
-                META_DIM: str(dim), "format": "pt"}
+                META_DIM: str(dim), META_FUSION: fusion, "format": "pt"}
     if in_channels is not None:
         metadata[META_IN_CHANNELS] = str(in_channels)
     if base:
@@ -176,10 +183,13 @@ def save_branches(branches: dict, path: Union[str, os.PathLike], num_layers: int
 
 
 def extract_branches(skip_model_or_state_dict, path: Union[str, os.PathLike], *, base: Optional[str] = None,
-                     dtype: Optional[torch.dtype] = None) -> BranchInfo:
+                     dtype: Optional[torch.dtype] = None, fusion: Optional[str] = None) -> BranchInfo:
     """Write the skip branches of a Skip-Wan (our `WanModel` with num_skips > 0, its state dict in any layout the
-    loader reads, or a checkpoint file) to `path`; `base` names the model it was trained from. Returns its info."""
-    sd, source, in_channels = _skip_wan_state_dict(skip_model_or_state_dict)
+    loader reads, or a checkpoint file) to `path`; `base` names the model it was trained from. The fusion comes from
+    the model's or the file's config; a bare state dict needs `fusion` when it is not the paper's. Returns its info."""
+    sd, source, in_channels, own_fusion = _skip_wan_state_dict(skip_model_or_state_dict)
+    if fusion is not None and own_fusion is not None and fusion != own_fusion:
+        raise ValueError(f"fusion={fusion!r} given, but {source or 'the model'} has skip_fusion {own_fusion!r}")
     branches = {k: v for k, v in sd.items() if _BRANCH_KEY.fullmatch(k)}
     where = source or "the given model"
     if not branches:
@@ -189,7 +199,7 @@ def extract_branches(skip_model_or_state_dict, path: Union[str, os.PathLike], *,
     dim = int(branches["skip_linears.0.linear.weight"].shape[0])
     total = sum(t.numel() for t in sd.values())
     return save_branches(branches, path, _num_layers(sd), dim, in_channels=in_channels, base=base,
-                         skip_model_parameters=total, dtype=dtype)
+                         skip_model_parameters=total, dtype=dtype, fusion=fusion or own_fusion or "replace")
 
 
 # --------------------------------------------------------------------------- reading
@@ -227,7 +237,13 @@ def _check_tensors(path: str, sd: dict, num_skips: int, dim: int) -> None:
 
 
 def _info(path: str, metadata: dict, sd: dict) -> BranchInfo:
+    fusion = metadata.get(META_FUSION, "replace")
+    try:
+        check_skip_fusion(fusion)
+    except ValueError as e:
+        raise BranchFileError(path, f"metadata {META_FUSION}: {e}") from None
     return BranchInfo(
+        fusion=fusion,
         path=path, num_layers=_int_field(path, metadata, META_LAYERS), num_skips=_int_field(path, metadata, META_SKIPS),
         dim=_int_field(path, metadata, META_DIM), in_channels=_int_field(path, metadata, META_IN_CHANNELS, False),
         base=metadata.get(META_BASE), skip_model_parameters=_int_field(path, metadata, META_MODEL_PARAMETERS, False),
@@ -319,7 +335,7 @@ def attach_branches(base_wan_model: nn.Module, path: Union[str, os.PathLike]):
     branches, info = load_branches(path, num_layers=c.num_layers, dim=c.dim, in_channels=c.in_channels)
     ref = base_wan_model.patch_embedding.weight
     with torch.device("meta"):
-        model = WanModel(replace(c, num_skips=info.num_skips))
+        model = WanModel(replace(c, num_skips=info.num_skips, skip_fusion=info.fusion))
     sd = dict(base_wan_model.state_dict())
     sd.update({k: v.to(device=ref.device, dtype=ref.dtype) for k, v in branches.items()})
     # The base's own keys are those of this config by construction; the branches were checked against it.

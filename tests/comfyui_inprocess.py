@@ -496,6 +496,9 @@ def core_wan(nodes, pack, apply, state_mod) -> dict:
 SKIP_WAN_BASE = "skip-wan-core-tiny-base.safetensors"  # models/diffusion_models/: the Skip-Wan without its branches
 SKIP_WAN_FULL = "skip-wan-core-tiny-full.safetensors"  # the base directory itself: the whole Skip-Wan, for skipdit_core
 SKIP_WAN_BRANCHES = "skip-wan-core-tiny-branches.safetensors"  # models/skipdit_branches/: its branches alone
+# The same base with branches of the residual fusion (hidden + branch, the conversion recipes' form):
+SKIP_WAN_RESIDUAL_FULL = "skip-wan-core-tiny-residual-full.safetensors"
+SKIP_WAN_RESIDUAL_BRANCHES = "skip-wan-core-tiny-residual-branches.safetensors"
 
 
 def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) -> dict:
@@ -610,6 +613,30 @@ def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) 
             result[f"handoff_k{depth}_{name}"] = entry
             del state
     result["outputs_left_after_cut"] = branch_mod.STORE_KEY in popts
+
+    # The residual fusion's branches on the same base: parity, and a cached call (k = S) equal to skipdit_core's.
+    residual = node.execute(model, SKIP_WAN_RESIDUAL_BRANCHES).args[0]
+    ropts = residual.model_options["transformer_options"]
+    ours_residual, _ = load_model(os.path.join(base_dir, SKIP_WAN_RESIDUAL_FULL), dtype=torch.float32)
+    entry = {"fusion": ropts[branch_mod.BRANCHES_KEY].info.fusion}
+    with torch.no_grad():
+        entry["parity_rel_diff"] = rel_diff(dm(x, t, ctx, transformer_options=dict(ropts)), ours_residual(x, t, ctx))
+        entry["differs_from_replace_rel_diff"] = rel_diff(ours_residual(x, t, ctx), ref)
+    p = skip_cache(apply, residual, 2, depth=2)
+    popts = p.model_options["transformer_options"]
+    state = popts[state_mod.STATE_KEY].new_run()
+    outs = []
+    for step_sigma, xi in ((1.0, x[:1]), (0.5, xb)):
+        cut = state.begin("k", step_sigma, 600.0)
+        with torch.no_grad():
+            outs.append(dm(xi, t1, c1, transformer_options=dict(popts)))
+        state.end("k", cut, 0.0)
+    full_cut = StackCut(2)
+    with torch.no_grad():
+        ours_residual(x[:1], t1, c1, cut=full_cut)
+        entry["cached_rel_diff_to_ours"] = rel_diff(outs[1], ours_residual(xb, t1, c1, cut=StackCut(2, cached=full_cut.captured)))
+    del state
+    result["residual"] = entry
 
     # Refusals, one line each.
     refusals = {}

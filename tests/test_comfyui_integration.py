@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_inprocess import SKIP_WAN_BASE, SKIP_WAN_BRANCHES, SKIP_WAN_FULL
+from comfyui_inprocess import (
+    SKIP_WAN_BASE, SKIP_WAN_BRANCHES, SKIP_WAN_FULL, SKIP_WAN_RESIDUAL_BRANCHES, SKIP_WAN_RESIDUAL_FULL,
+)
 from comfyui_server import COMFYUI_PATH, PACK_NAME, ROOT, Server, child_env, comfyui_python, error_text, make_base_dir, write_model
 
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set")
@@ -99,6 +101,11 @@ def write_skip_wan(base: Path) -> None:
     for name, layers, dim in (("skip-wan-10-blocks-branches.safetensors", 10, 128), ("skip-wan-width-256-branches.safetensors", 8, 256)):
         save_branches({k: torch.randn(shape, generator=g) for k, shape in branch_shapes(2, dim).items()}, folder / name, layers, dim,
                       in_channels=16)
+    # the residual fusion on the same base weights
+    residual = models.build_model("wan", replace(config, skip_fusion="residual"))
+    residual.load_state_dict(sd)
+    save_safetensors(sd, base / SKIP_WAN_RESIDUAL_FULL, "wan", residual.config)
+    extract_branches(residual, folder / SKIP_WAN_RESIDUAL_BRANCHES, base=SKIP_WAN_BASE)
     data = (folder / SKIP_WAN_BRANCHES).read_bytes()
     (folder / "truncated-branches.safetensors").write_bytes(data[: len(data) // 2])
 
@@ -438,6 +445,10 @@ def test_skip_branches_on_core_wan(inprocess):
     assert "error" not in fp8, fp8
     assert fp8["weights"] == "torch.float8_e4m3fn" and fp8["branches"] == "torch.float32" and fp8["finite"]
     assert fp8["rel_diff"] < 0.2, fp8
+    # the residual fusion's branches (hidden + branch): the same parity, and a cached call equal to skipdit_core's
+    residual = r["residual"]
+    assert residual["fusion"] == "residual" and residual["differs_from_replace_rel_diff"] > 1e-2, residual
+    assert residual["parity_rel_diff"] <= 1e-5 and residual["cached_rel_diff_to_ours"] <= 1e-5, residual
 
 
 def test_hunyuan_layouts_load_through_one_loader(inprocess):

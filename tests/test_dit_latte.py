@@ -128,7 +128,8 @@ def test_model_stacks_follow_their_family_rule():
 
 
 def reference_dit_skip_forward(m: DiT, x, t, y):
-    """The authors' loop, written out: push blocks < depth//2, pop LIFO into skip_linears[i - depth//2]."""
+    """The authors' loop, written out: push blocks < depth//2, pop LIFO into skip_linears[i - depth//2]; with the
+    residual fusion the branch's output is added to h instead of replacing it."""
     c = m.config
     h = m.x_embedder(x) + m.pos_embed
     cond = m.t_embedder(t) + m.y_embedder(y)
@@ -136,7 +137,8 @@ def reference_dit_skip_forward(m: DiT, x, t, y):
     for i, block in enumerate(m.blocks):
         if i >= c.depth // 2:
             j = i - c.depth // 2
-            h = m.skip_linears[j].linear(m.skip_norms[j](torch.cat([h, skips.pop()], dim=-1)))
+            branch = m.skip_linears[j].linear(m.skip_norms[j](torch.cat([h, skips.pop()], dim=-1)))
+            h = h + branch if c.skip_fusion == "residual" else branch
         h = block(h, cond)
         if i < c.depth // 2:
             skips.append(h)
@@ -172,11 +174,22 @@ def reference_latte_skip_forward(m: Latte, x, t, y):
     return rearrange(out, "(b f) c h w -> b f c h w", b=b)
 
 
-def test_dit_skip_model_equals_written_out_reference():
-    m = randomize(DiT(DiTConfig(**{**TINY_DIT, "depth": 6}, skip=True)), seed=3).eval()
+@pytest.mark.parametrize("fusion", ["replace", "residual"])
+def test_dit_skip_model_equals_written_out_reference(fusion, tmp_path):
+    from skipdit_core.loading import load_model, save_safetensors
+
+    m = randomize(DiT(DiTConfig(**{**TINY_DIT, "depth": 6}, skip=True, skip_fusion=fusion)), seed=3).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
     with torch.no_grad():
         assert_close(m(x, t, y), reference_dit_skip_forward(m, x, t, y), rtol=1e-6)
+    # the fusion is not in the keys: the file's config carries it
+    save_safetensors(m.state_dict(), str(tmp_path / "m.safetensors"), "dit", m.config)
+    loaded, _ = load_model(str(tmp_path / "m.safetensors"))
+    assert loaded.skip_fusion == fusion
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, t, y), m(x, t, y))
+    with pytest.raises(ValueError, match="skip_fusion must be one of replace, residual, got 'add'"):
+        DiT(DiTConfig(**TINY_DIT, skip=True, skip_fusion="add"))
 
 
 def test_latte_skip_model_equals_written_out_reference():

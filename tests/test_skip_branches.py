@@ -32,14 +32,15 @@ def tiny(**kw) -> WanConfig:
     return WanConfig(**{**WAN_PRESETS["tiny"], **kw})
 
 
-@pytest.fixture(scope="module")
-def skip_wan():
-    return randomize(WanModel(tiny(num_layers=6, num_skips=2)).eval(), seed=7)
+@pytest.fixture(scope="module", params=["replace", "residual"])
+def skip_wan(request):
+    """A Skip-Wan with the paper's fusion, and one with the residual fusion the conversion recipes use."""
+    return randomize(WanModel(tiny(num_layers=6, num_skips=2, skip_fusion=request.param)).eval(), seed=7)
 
 
 def base_of(skip: WanModel) -> WanModel:
     """The released model the Skip-Wan adds its branches to: the same weights without them."""
-    base = WanModel(replace(skip.config, num_skips=0)).eval()
+    base = WanModel(replace(skip.config, num_skips=0, skip_fusion="replace")).eval()
     base.load_state_dict({k: v.clone() for k, v in skip.state_dict().items() if not k.startswith("skip_")})
     return base
 
@@ -55,7 +56,7 @@ def files(tmp_path_factory, skip_wan):
     root = tmp_path_factory.mktemp("branches")
     full, base = root / "skip-wan.safetensors", root / "wan-base.safetensors"
     save_safetensors(skip_wan.state_dict(), full, "wan", skip_wan.config)
-    save_safetensors(base_of(skip_wan).state_dict(), base, "wan", replace(skip_wan.config, num_skips=0))
+    save_safetensors(base_of(skip_wan).state_dict(), base, "wan", base_of(skip_wan).config)
     branches = root / "branches.safetensors"
     info = extract_branches(skip_wan, branches, base="wan-base.safetensors")
     return root, full, base, branches, info
@@ -66,7 +67,8 @@ def files(tmp_path_factory, skip_wan):
 
 def test_extract_then_attach_equals_the_full_skip_wan(skip_wan, files):
     _, _, _, path, info = files
-    assert (info.num_layers, info.num_skips, info.dim, info.in_channels, info.base) == (6, 2, 64, 4, "wan-base.safetensors")
+    assert (info.num_layers, info.num_skips, info.dim, info.in_channels, info.base, info.fusion) == (
+        6, 2, 64, 4, "wan-base.safetensors", skip_wan.config.skip_fusion)
     sd, read = load_branches(path)
     assert read == info and sorted(sd) == sorted(branch_keys(2))
     assert all(torch.equal(sd[k], skip_wan.state_dict()[k]) for k in sd)
@@ -90,11 +92,16 @@ def test_extract_from_a_state_dict_a_comfyui_prefixed_one_and_a_file(skip_wan, f
     reference = load_file(str(path))
     sources = {"sd": skip_wan.state_dict(),
                "comfy": {"model.diffusion_model." + k: v for k, v in skip_wan.state_dict().items()}, "file": str(full)}
+    fusion = skip_wan.config.skip_fusion
     for name, source in sources.items():
-        info = extract_branches(source, tmp_path / f"{name}.safetensors")
+        # A bare state dict does not say its fusion; a file's config does.
+        info = extract_branches(source, tmp_path / f"{name}.safetensors", fusion=None if name == "file" else fusion)
         got = load_file(str(tmp_path / f"{name}.safetensors"))
         assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got), name
-        assert (info.num_layers, info.num_skips, info.dim, info.in_channels) == (6, 2, 64, 4)
+        assert (info.num_layers, info.num_skips, info.dim, info.in_channels, info.fusion) == (6, 2, 64, 4, fusion)
+    other = "replace" if fusion == "residual" else "residual"
+    with pytest.raises(ValueError, match=f"fusion='{other}' given, but .* has skip_fusion '{fusion}'"):
+        extract_branches(str(full), tmp_path / "wrong.safetensors", fusion=other)
     half = extract_branches(skip_wan, tmp_path / "half.safetensors", dtype=torch.float16)
     assert half.dtypes == ("float16",)
     # fp16 branches on an fp32 base: cast to the base's dtype, as loading the whole Skip-Wan at fp32 would
@@ -162,6 +169,8 @@ def test_bad_files_are_refused_naming_file_key_and_values(skip_wan, files, tmp_p
         _rewrite(path, tmp_path / "shape.safetensors", shapes={"skip_linears.0.linear.weight": (64, 64)}))
     assert "metadata skipdit.dim must be an integer, the file has 'wide'" in refused(
         _rewrite(path, tmp_path / "meta.safetensors", metadata={"skipdit.dim": "wide"}))
+    assert "metadata skipdit.skip_fusion: skip_fusion must be one of replace, residual, got 'add'" in refused(
+        _rewrite(path, tmp_path / "fusion.safetensors", metadata={"skipdit.skip_fusion": "add"}))
     assert "shape mismatch at skip_norms.0.weight: expected (256,) (width 128)" in refused(
         _rewrite(path, tmp_path / "dim.safetensors", metadata={"skipdit.dim": "128"}))
     assert "3 skips do not fit 4 blocks" in refused(

@@ -238,9 +238,9 @@ def test_resumed_wan_run_equals_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def _converted(tmp_path, skip_init: str):
+def _converted(tmp_path, skip_init: str, fusion: str = "replace"):
     """A trained-looking vanilla tiny Wan (4 blocks, random weights) and the stage-1 Skip-Wan built from it with
-    `skip_init`, before any step: (base, converted, calibration inputs)."""
+    `skip_init` and `fusion`, before any step: (base, converted)."""
     from helpers import randomize
     from skipdit_core import models
     from skipdit_core.loading import save_safetensors
@@ -250,8 +250,8 @@ def _converted(tmp_path, skip_init: str):
     base = randomize(models.build_model("wan", config), seed=5).eval()
     save_safetensors(base.state_dict(), str(tmp_path / "base.safetensors"), "wan", config)
     raw = tiny_recipe(tmp_path / "run", trainable="skip_branches")
-    raw["model"].update(config=dict(TINY, num_layers=4, num_skips=2), init_from=str(tmp_path / "base.safetensors"),
-                        skip_init=skip_init)
+    raw["model"].update(config=dict(TINY, num_layers=4, num_skips=2, skip_fusion=fusion),
+                        init_from=str(tmp_path / "base.safetensors"), skip_init=skip_init)
     cfg = from_dict(raw)
     torch.manual_seed(0)
     model, new = _build_model(cfg, log=lambda *_: None)
@@ -260,21 +260,38 @@ def _converted(tmp_path, skip_init: str):
         from training.data import build_dataset
 
         stats = start_pass_through(model, cfg, build_dataset(dict(cfg.data)), make_objective("wan", model.config))
-        assert len(stats) == 2 and all(s > 0 for s, _ in stats)
+        if fusion == "residual":
+            assert stats == []
+        else:
+            assert len(stats) == 2 and all(s > 0 for s, _ in stats)
     return base, model.eval()
 
 
-def test_pass_through_start_tracks_the_base_and_paper_start_does_not(tmp_path):
-    """LayerNorm over concat([h, skip]) rules out an exact identity, so the pass-through start is calibrated: it
-    must stay near the base model's output where the paper's fresh branches do not."""
-    x, t = torch.randn(2, 3, 2, 8, 8), torch.tensor([300.0, 800.0])
+def _gap(base, converted) -> float:
+    x, t = torch.randn(2, 3, 2, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300.0, 800.0])
+    ctx = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = base(x, t, ctx)
+        return float((converted(x, t, ctx) - ref).norm() / ref.norm())
+
+
+def test_pass_through_start_with_the_residual_fusion_equals_the_base_exactly(tmp_path):
+    """The recipes' start: the converted model, before any step, computes the base's output bit for bit, and its
+    branches are live (a step changes the output)."""
+    base, converted = _converted(tmp_path, "pass_through", "residual")
+    x, t = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.0, 999.0])
     ctx = torch.randn(2, 4, 16)
-    gaps = {}
-    for skip_init in ("paper", "pass_through"):
-        base, converted = _converted(tmp_path / skip_init, skip_init)
-        with torch.no_grad():
-            ref = base(x, t, ctx)
-            gaps[skip_init] = float((converted(x, t, ctx) - ref).norm() / ref.norm())
+    with torch.no_grad():
+        assert torch.equal(converted(x, t, ctx), base(x, t, ctx))
+    assert all(torch.count_nonzero(lin.linear.weight) == 0 for lin in converted.skip_linears)
+    converted.skip_linears[0].linear.weight.data.normal_(std=0.1)
+    assert _gap(base, converted) > 1e-3
+
+
+def test_calibrated_pass_through_tracks_the_base_and_paper_start_does_not(tmp_path):
+    """The paper's fusion: LayerNorm over concat([h, skip]) rules out an exact identity, so its pass-through start is
+    calibrated: it must stay near the base model's output where the paper's fresh branches do not."""
+    gaps = {skip_init: _gap(*_converted(tmp_path / skip_init, skip_init)) for skip_init in ("paper", "pass_through")}
     assert gaps["pass_through"] < 0.25 * gaps["paper"], gaps
 
 
@@ -296,7 +313,7 @@ def test_skip_wan_stage1_trains_only_the_branches_and_stage2_starts_from_it(tmp_
     s1 = yaml.safe_load(open(os.path.join(ROOT, "training", "configs", "skip-wan-shapes-stage1.yaml")))
     raw = tiny_recipe(tmp_path / "s1", lr=1e-2, warmup_steps=0)
     base, _ = _converted(tmp_path / "base", "paper")  # writes base/base.safetensors
-    raw["model"] = dict(s1["model"], config=dict(TINY, num_layers=4, num_skips=2),
+    raw["model"] = dict(s1["model"], config={**s1["model"]["config"], **TINY, "num_layers": 4, "num_skips": 2},
                         init_from=str(tmp_path / "base" / "base.safetensors"))
     raw["train"]["trainable"] = s1["train"]["trainable"]
     result = train(from_dict(raw))
@@ -304,9 +321,13 @@ def test_skip_wan_stage1_trains_only_the_branches_and_stage2_starts_from_it(tmp_
     for k, v in base.state_dict().items():
         assert torch.equal(after[k], v), f"stage 1 changed the frozen {k}"
     assert sum(k.startswith(("skip_norms.", "skip_linears.")) for k in after) == 8  # 2 branches x 4 tensors
+    # the recipe's exact pass-through starts every Linear at zero; stage 1 moved them
+    assert s1["model"]["config"]["skip_fusion"] == "residual" and s1["model"]["skip_init"] == "pass_through"
+    assert all(torch.count_nonzero(after[f"skip_linears.{j}.linear.weight"]) > 0 for j in range(2))
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     s2 = yaml.safe_load(open(os.path.join(ROOT, "training", "configs", "skip-wan-shapes-stage2.yaml")))
     assert s2["model"]["init_from"] == s1["train"]["output_dir"] and s2["train"]["trainable"] == "all"
+    assert s2["model"]["config"] == s1["model"]["config"]
     assert resolve_init_from(str(tmp_path / "s1")) == os.path.join(result["checkpoint"], "ema.safetensors")

@@ -143,14 +143,14 @@ def test_captions_to_latents_to_the_wan_recipe(wan_vae, tmp_path, capsys):
     with open(os.path.join(ROOT, "training", "configs", "convert-wan2.1-t2v-1.3B-stage1.yaml")) as f:
         raw = yaml.safe_load(f)
     assert raw["data"]["type"] == "latents" and raw["model"]["skip_init"] == "pass_through"
-    raw["model"].update(config={**tiny, "num_skips": 1}, init_from=str(vanilla))
+    raw["model"].update(config={**raw["model"]["config"], **tiny, "num_skips": 1}, init_from=str(vanilla))
     raw["data"]["root"] = str(out)
     raw["train"].update(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum_steps=1, log_every=1,
                         save_every=2, mixed_precision="no", num_workers=2)  # workers: the shards opened per worker
     result = train(from_dict(raw))
     assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
     logged = capsys.readouterr().out
-    assert "skip branches started as pass-through" in logged and "activation checkpointing of 2 blocks" in logged
+    assert "skip branches started as an exact pass-through" in logged and "activation checkpointing of 2 blocks" in logged
     model, ckpt = load_model(os.path.join(result["checkpoint"], "ema.safetensors"))
     assert ckpt.family == "wan" and model.config.num_skips == 1 and model.config.in_channels == 4
     from safetensors.torch import load_file

@@ -1,8 +1,11 @@
-"""Starting a converted Skip-DiT (a vanilla checkpoint plus new long skips) close to the model it came from.
+"""Starting a converted Skip-DiT (a vanilla checkpoint plus new long skips) as, or close to, the model it came from.
 
-A skip branch replaces the receiving unit's input h by Linear(LayerNorm(concat([h, s]))). The LayerNorm's statistics
-mix h with the skip s, so no choice of parameters makes the branch return h exactly for every input. The closest
-parameter-only start is data-dependent: the Linear keeps only the h half, scaled back by the typical standard
+With the residual fusion (`skip_fusion: residual`: h + Linear(LayerNorm(concat([h, s])))) the start is exact: the
+Linear at zero, every branch returns h, and the converted model computes the base's output (`exact_pass_through`).
+
+The paper's fusion replaces the receiving unit's input h by Linear(LayerNorm(concat([h, s]))). The LayerNorm's
+statistics mix h with the skip s, so no choice of parameters makes the branch return h exactly for every input. The
+closest parameter-only start is data-dependent: the Linear keeps only the h half, scaled back by the typical standard
 deviation of concat([h, s]) and shifted by its typical mean, measured on one calibration batch (as LSUV-style
 initialisations do). Branches are calibrated in the order the stack runs them, each on the inputs the branches
 before it produce, so the converted model tracks the base closely (the measured gap is in docs/skip-wan.md).
@@ -13,6 +16,19 @@ import types
 
 import torch
 from torch import nn
+
+
+@torch.no_grad()
+def exact_pass_through(model: nn.Module) -> None:
+    """Residual fusion: every branch's Linear to zero and its LayerNorm affine reset, so each branch returns its hidden
+    state unchanged and the model equals the vanilla one it was converted from, bit for bit."""
+    if getattr(model, "skip_fusion", None) != "residual":
+        raise ValueError(f"an exact pass-through needs the residual skip fusion, the model has "
+                         f"{getattr(model, 'skip_fusion', None)!r} (set model.config.skip_fusion: residual)")
+    for norm, lin in zip(model.skip_norms, model.skip_linears):
+        norm.reset_parameters()
+        lin.linear.weight.zero_()
+        lin.linear.bias.zero_()
 
 
 @torch.no_grad()

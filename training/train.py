@@ -44,7 +44,7 @@ from skipdit_core.loading import DTYPES, inspect_checkpoint, save_safetensors
 from skipdit_core.shape_prompts import save_class_embeds
 
 from .config import TrainConfig, load_config
-from .convert import calibrate_pass_through
+from .convert import calibrate_pass_through, exact_pass_through
 from .data import build_dataset
 from .objective import make_objective
 from .sharding import (
@@ -95,9 +95,13 @@ def _build_model(cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, list[str
 
 
 def start_pass_through(model: torch.nn.Module, cfg: TrainConfig, dataset, objective) -> list[tuple[float, float]]:
-    """model.skip_init = pass_through: calibrate the new skip branches (training/convert.py) on the dataset's first
-    batch_size items, noised by a generator of the run's seed: the same batch on every process. The batch is drawn on
-    the CPU and the forward runs where the model is."""
+    """model.skip_init = pass_through (training/convert.py). With the residual fusion the branches start at exactly
+    zero (returns []). With the paper's: calibrate them on the dataset's first batch_size items, noised by a generator
+    of the run's seed, the same batch on every process (the batch is drawn on the CPU, the forward runs where the
+    model is); returns [(scale, shift)] per branch."""
+    if model.skip_fusion == "residual":
+        exact_pass_through(model)
+        return []
     items = [dataset[i] for i in range(min(cfg.train.batch_size, len(dataset)))]
     batch = torch.utils.data.default_collate(items)
     x0, cond, _ = model_inputs(cfg.model.family, batch, getattr(model.config, "num_classes", 0))
@@ -378,9 +382,11 @@ def train(cfg: TrainConfig, resume_run: bool = False) -> dict:
         if not new_skip:
             raise ValueError(f"model.skip_init = pass_through starts new skip branches, but {cfg.model.init_from!r} "
                              "gives the model all its tensors (set model.skip_init: paper, or init_from a vanilla model)")
-        model.to(accelerator.device)  # the calibration forward on the run's device (a GPU: 14B in seconds)
+        if model.skip_fusion != "residual":  # the paper's fusion calibrates with a forward on the run's device
+            model.to(accelerator.device)  # (a GPU: 14B in seconds); the residual one just zeroes the Linears
         stats = start_pass_through(model, cfg, dataset, objective)
-        log(f"skip branches started as pass-through, calibrated on {min(tc.batch_size, len(dataset))} items: "
+        log("skip branches started as an exact pass-through (residual fusion, Linear at zero)" if not stats else
+            f"skip branches started as pass-through, calibrated on {min(tc.batch_size, len(dataset))} items: "
             f"scale {min(s for s, _ in stats):.3g}..{max(s for s, _ in stats):.3g}")
     groups = select_trainable(model, tc.trainable)
     num_classes = getattr(model.config, "num_classes", 0)

@@ -24,6 +24,7 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     skip: bool = False  # Skip-DiT: depth // 2 long skips
+    skip_fusion: str = "replace"  # "replace" (the paper's) | "residual" (ustack.SKIP_FUSIONS)
     class_dropout_prob: float = 0.1
 
     @property
@@ -64,7 +65,7 @@ class DiT(SkipBranchesMixin, nn.Module):
         self.pos_embed = nn.Parameter(sincos_grid(c.hidden_size, grid, grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
         if c.skip:
-            self.add_skip_branches(c.num_skips, c.hidden_size)
+            self.add_skip_branches(c.num_skips, c.hidden_size, c.skip_fusion)
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self.stack = UStack(c.depth, c.num_skips)
         init_dit_weights(self)

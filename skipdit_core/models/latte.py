@@ -32,6 +32,7 @@ class LatteConfig:
     num_classes: int = 0  # 0 = unconditional (FFS, Sky, Taichi); 101 for UCF101
     learn_sigma: bool = True
     skip: bool = False  # Skip-DiT: depth // 4 long skips between pairs
+    skip_fusion: str = "replace"  # "replace" (the paper's) | "residual" (ustack.SKIP_FUSIONS)
     class_dropout_prob: float = 0.1
     prediction: str = "eps"  # what the output predicts: "eps" (every released Latte) or "v"
 
@@ -86,7 +87,7 @@ class Latte(SkipBranchesMixin, nn.Module):
         )
         self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
         if c.skip:
-            self.add_skip_branches(c.num_skips, c.hidden_size)
+            self.add_skip_branches(c.num_skips, c.hidden_size, c.skip_fusion)
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self.stack = UStack(c.num_pairs, c.num_skips)
         init_dit_weights(self)

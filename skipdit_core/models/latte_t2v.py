@@ -47,6 +47,7 @@ class LatteT2VConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6  # block norms; the output norm always uses 1e-6, as in diffusers
     skip: bool = False  # Skip-DiT: num_layers // 2 long skips between pairs
+    skip_fusion: str = "replace"  # "replace" (the paper's) | "residual" (ustack.SKIP_FUSIONS)
 
     @property
     def hidden_size(self) -> int:
@@ -269,7 +270,7 @@ class LatteT2V(SkipBranchesMixin, nn.Module):
             [LatteBlock(D, c.num_heads, c.mlp_ratio, c.norm_eps, cross_attention=False) for _ in range(c.num_layers)]
         )
         if c.skip:
-            self.add_skip_branches(c.num_skips, D)
+            self.add_skip_branches(c.num_skips, D, c.skip_fusion)
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.proj_out = nn.Linear(D, c.patch_size * c.patch_size * c.out_channels)
         self.adaln_single = AdaLNSingle(D)

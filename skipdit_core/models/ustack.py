@@ -3,8 +3,11 @@
 A model is a stack of L *units* (a block, or a (spatial, temporal) block pair for Latte).
 With S long skips, units 0..S-1 push their output, and unit i in L-S..L-1 receives the
 output of unit L-1-i (U-Net pairing: the deepest shallow output meets the first deep unit).
-A receiving unit's input becomes `Linear(LayerNorm(concat([hidden, skip])))`: the fusion
-replaces the hidden state, it is not added to it.
+A receiving unit's input becomes `Linear(LayerNorm(concat([hidden, skip])))`: with the paper's
+fusion ("replace", every released Skip-DiT) that replaces the hidden state; with "residual" it is
+added to it, `hidden + Linear(...)`. The residual form exists for converting a pretrained model:
+with the Linear at zero the branches pass the hidden state through exactly, which the replacing
+form cannot (its LayerNorm's statistics mix the hidden state with the skip).
 
 Skip-Cache needs one more thing of the stack, and it is the same for every family: a run
 that is cut at depth k. A full run remembers the hidden state at the input of unit L-k
@@ -27,13 +30,26 @@ from torch import nn
 from .layers import fp32_layer_norm
 
 
-def fuse_skip(hidden: torch.Tensor, skip: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
-    """The skip branch: Linear(LayerNorm(concat([hidden, skip], -1))), LayerNorm in float32.
+SKIP_FUSIONS = ("replace", "residual")  # how a branch's output meets the hidden state (module docstring)
+
+
+def check_skip_fusion(fusion: str) -> str:
+    """The fusion name, or a ValueError naming the allowed ones."""
+    if fusion not in SKIP_FUSIONS:
+        raise ValueError(f"skip_fusion must be one of {', '.join(SKIP_FUSIONS)}, got {fusion!r}")
+    return fusion
+
+
+def fuse_skip(hidden: torch.Tensor, skip: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear,
+              fusion: str = "replace") -> torch.Tensor:
+    """The skip branch: Linear(LayerNorm(concat([hidden, skip], -1))), LayerNorm in float32; with
+    fusion "residual", hidden plus that.
 
     hidden, skip: (N, T, D) -> (N, T, D).
     """
     x = fp32_layer_norm(torch.cat([hidden, skip], dim=-1), norm)
-    return linear(x.to(linear.weight.dtype))
+    out = linear(x.to(linear.weight.dtype))
+    return hidden + out.to(hidden.dtype) if fusion == "residual" else out
 
 
 class SkipLinear(nn.Module):
@@ -51,16 +67,20 @@ class SkipLinear(nn.Module):
 class SkipBranchesMixin:
     """Adds the Skip-DiT skip branches as top-level lists, `skip_norms.i` and
     `skip_linears.i.linear`: the key layout of the released Skip-DiT checkpoints.
-    Branch j serves the j-th receiving unit (unit L-S+j)."""
+    Branch j serves the j-th receiving unit (unit L-S+j). `skip_fusion` ("replace" | "residual") is not
+    in the keys: a model's config carries it (the checkpoint's metadata)."""
 
-    def add_skip_branches(self, num_skips: int, hidden_size: int) -> None:
+    skip_fusion = "replace"
+
+    def add_skip_branches(self, num_skips: int, hidden_size: int, fusion: str = "replace") -> None:
+        self.skip_fusion = check_skip_fusion(fusion)
         self.skip_norms = nn.ModuleList(
             [nn.LayerNorm(2 * hidden_size, elementwise_affine=True, eps=1e-6) for _ in range(num_skips)]
         )
         self.skip_linears = nn.ModuleList([SkipLinear(hidden_size) for _ in range(num_skips)])
 
     def fuse(self, j: int, hidden: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return fuse_skip(hidden, skip, self.skip_norms[j], self.skip_linears[j].linear)
+        return fuse_skip(hidden, skip, self.skip_norms[j], self.skip_linears[j].linear, self.skip_fusion)
 
 
 @dataclass

@@ -52,6 +52,7 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True  # affine LayerNorm `norm3` before the cross-attention
     num_skips: int = 0  # Skip-Wan long skips (0: the released models)
+    skip_fusion: str = "replace"  # "replace" (the paper's) | "residual" (ustack.SKIP_FUSIONS)
     text_len: int = 512  # text states are zero-padded to this many tokens, as Wan's model does
     rope_theta: float = 10000.0
 
@@ -280,7 +281,7 @@ class WanModel(SkipBranchesMixin, nn.Module):
         self.blocks = nn.ModuleList([WanBlock(c) for _ in range(c.num_layers)])
         self.head = WanHead(c)
         if c.num_skips:
-            self.add_skip_branches(c.num_skips, D)
+            self.add_skip_branches(c.num_skips, D, c.skip_fusion)
         self.stack = UStack(c.num_layers, c.num_skips)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._init_weights()

@@ -53,8 +53,9 @@ class Shape:
 SHAPES = [
     # Latte-XL/2, 16 frames of 256 x 256 px (32 x 32 latent, patch 2: 256 tokens), 14 (spatial, temporal) pairs
     Shape("Latte-XL/2, 16 x 256^2", 1152, 14, 16, 256, 2 * 2 * 8, temporal=True),
-    # Latte T2V (Latte-1), 16 frames of 512 x 512 px: 1024 tokens per frame, 120 T5 tokens
-    Shape("Latte T2V, 16 x 512^2", 1152, 14, 16, 1024, 2 * 2 * 8, temporal=True, text_tokens=120),
+    # Latte T2V (Latte-1), 16 frames of 512 x 512 px: 1024 tokens per frame, 120 T5 tokens; 28 (spatial, temporal)
+    # pairs (LatteT2VConfig.num_layers counts pairs, unlike class-to-video Latte's depth)
+    Shape("Latte T2V, 16 x 512^2", 1152, 28, 16, 1024, 2 * 2 * 8, temporal=True, text_tokens=120),
     # DiT-XL/2, 256 x 256 px: 256 tokens, 28 blocks, k = 4
     Shape("DiT-XL/2, 256^2", 1152, 28, 1, 256, 2 * 2 * 8, temporal=False, depth=4),
     # Hunyuan-DiT-g/2, 1024 x 1024 px: 4096 tokens, 40 blocks, 77 + 256 text tokens

@@ -136,6 +136,26 @@ def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0, forec
                         forecast_warmup, reuse).args[0]
 
 
+def run_two_threads(work) -> list:
+    """work(i) in two threads at once (MultiGPU CFG Split's two device workers): the repr of what each raised."""
+    import threading
+
+    errors = []
+
+    def worker(i):
+        try:
+            work(i)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return errors
+
+
 def compare_intervals(nodes, apply, model, counts, result, positive, negative, latent, steps, cfg) -> dict:
     """Sample the model plain, with Apply Skip-Cache n = 1 and n = 2 (same seed); record each run's block
     calls and how n = 1 / n = 2 compare with the plain run in `result`. Returns the three outputs."""
@@ -549,21 +569,14 @@ def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) 
     result["outputs_left_in_options"] = branch_mod.STORE_KEY in call_options or branch_mod.STORE_KEY in options
 
     # Two threads at once (MultiGPU CFG Split's device workers), each with its own copy of the options.
-    threaded, errors, barrier = [None, None], [], threading.Barrier(2)
+    threaded, barrier = [None, None], threading.Barrier(2)
 
     def worker(i):
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                threaded[i] = dm(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], transformer_options=dict(options))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(repr(e))
+        barrier.wait()
+        with torch.no_grad():
+            threaded[i] = dm(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], transformer_options=dict(options))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_two_threads(worker)
     result["threads"] = {"errors": errors, "rel_diff": max(rel_diff(threaded[i], ref[i:i + 1]) for i in range(2)) if not errors else None}
 
     # Apply Skip-Cache on top: the long skips are cut (k = 1 and k = S = 2).
@@ -738,21 +751,14 @@ def thread_check(nodes, pack, loader, apply) -> dict:
                 sequential[i][s] = call(run, i, sigma)
         run = setup.new_run()
         threaded = [[None] * len(sigmas) for _ in range(2)]
-        barrier, errors = threading.Barrier(2), []
+        barrier = threading.Barrier(2)
 
         def device(i):
-            try:
-                for s, sigma in enumerate(sigmas):
-                    barrier.wait()  # both devices inside the same step
-                    threaded[i][s] = call(run, i, sigma)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(repr(e))
+            for s, sigma in enumerate(sigmas):
+                barrier.wait()  # both devices inside the same step
+                threaded[i][s] = call(run, i, sigma)
 
-        threads = [threading.Thread(target=device, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_two_threads(device)
         kinds = "".join(next(iter(run.tracks.values())).run.stats.schedule)
         out[name] = {
             "errors": errors,

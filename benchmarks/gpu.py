@@ -16,6 +16,11 @@ Measured, bf16, random weights (speed does not depend on them), classifier-free 
 3. The uncached forward's share of the device's dense bf16 peak: `model_flops` (attention + MLP matmuls counted
    from the shapes, see `block_flops`) x 2 CFG rows x steps / the uncached run's seconds / the peak. Checked
    >= 50% at the Latte-XL/2 shape: PASS or FAIL is printed and written (a FAIL still exits 0).
+4. One stage-1 step of the Skip-Wan conversion (training/configs/convert-wan2.1-t2v-1.3B-stage1.yaml's model and
+   settings): Wan 2.1 1.3B with 15 long skips in the residual fusion, one 480p clip of 33 frames (latent 9 x 60 x
+   104, 14,040 tokens) and 512 text tokens, bf16 autocast over float32 weights, activation checkpointing of the
+   blocks, only the skip branches trained with AdamW: seconds per step (the mean of STAGE1_STEPS after one warm-up
+   step) and the peak memory.
 
 The attention is PyTorch's fused `scaled_dot_product_attention` already (the models and
 skipdit_core/parallel.py `attend` call it); `--compile` additionally compiles each model (`nn.Module.compile`,
@@ -68,6 +73,10 @@ TINY = {
 # The first name found in the device name wins (so "H100 PCIe" before "H100", the SXM part).
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 CHECK_FAMILY, CHECK_SHARE = "latte", 0.50
+# Stage 1 of the Wan 2.1 1.3B conversion: latent (frames, height, width) of 33 frames at 480 x 832, text tokens.
+STAGE1 = {"preset": "1.3B", "skips": 15, "latent": (9, 60, 104), "text": 512, "what": "480p (480 x 832), 33 frames"}
+STAGE1_TINY = {"preset": "tiny", "skips": 1, "latent": (2, 8, 8), "text": 8, "what": "tiny"}
+STAGE1_STEPS = 5
 
 
 def block_flops(width: int, tokens: int, heads: int, attn_len: int | None = None, mlp_hidden: int | None = None,
@@ -221,8 +230,57 @@ def throughput_rows(shape: dict, args, device, dtype, cuda: bool):
     return rows
 
 
+def stage1_row(shape: dict, args, device, cuda: bool) -> dict:
+    """Seconds per stage-1 step and peak memory of the Skip-Wan conversion at `shape` (module docstring, item 4)."""
+    from skipdit_core.models.wan import WAN_PRESETS
+    from training.objective import make_objective
+    from training.sharding import checkpoint_blocks
+    from training.train import select_trainable
+
+    config = make_config("wan", {**WAN_PRESETS[shape["preset"]], "num_skips": shape["skips"], "skip_fusion": "residual"})
+    model = build_model("wan", config).to(device).train()
+    select_trainable(model, "skip_branches")
+    checkpoint_blocks(model)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    objective = make_objective("wan", config, 5.0)
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(1, config.in_channels, *shape["latent"], device=device, generator=g)
+    text = torch.randn(1, shape["text"], config.text_dim, device=device, generator=g)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.dry)
+
+    def step():
+        sigma = objective.sample_timesteps(1, device, g)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        with autocast:
+            out = model(objective.q_sample(x0, sigma, noise), objective.model_timesteps(sigma), text)
+        loss = objective.losses(out, x0, None, sigma, noise)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step()  # warm-up: allocator, kernels, optimizer state
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses = [step() for _ in range(STAGE1_STEPS)]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / STAGE1_STEPS
+    tokens = shape["latent"][0] * (shape["latent"][1] // 2) * (shape["latent"][2] // 2)
+    row = {"what": f"Wan 2.1 {shape['preset']} + {shape['skips']} skips (residual), {shape['what']}", "tokens": tokens,
+           "seconds": seconds, "peak": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "finite": all(l == l and abs(l) != float("inf") for l in losses),
+           "trained": sum(q.numel() for q in model.parameters() if q.requires_grad)}
+    del model, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
 def report(args, device_name: str, peak_tflops, speed: list, peaks: list, throughput: list, shapes: dict,
-           check: str, command: str) -> str:
+           check: str, command: str, stage1: dict) -> str:
     lines = [f"# GPU figures{' (dry run: tiny shapes, CPU, fp32; not figures)' if args.dry else ''}", "",
              f"- device: {device_name}", f"- torch {torch.__version__}", f"- date: {datetime.date.today().isoformat()}",
              f"- command: `{command}`",
@@ -250,7 +308,14 @@ def report(args, device_name: str, peak_tflops, speed: list, peaks: list, throug
         share = f"{r['share']:.1%}" if r["share"] is not None else "n/a"
         lines.append(f"| {r['family']} | {r['preset']}, {r['shape']} | {r['tflop_step']:.4g} | {r['ms_step']:.2f} | "
                      f"{r['tflops']:.4g} | {share} |")
-    lines += ["", check, ""]
+    lines += ["", check, "", "## One stage-1 step of the Skip-Wan conversion", "",
+              f"training/configs/convert-wan2.1-t2v-1.3B-stage1.yaml's model: batch 1, bf16 autocast over float32 "
+              f"weights, activation checkpointing, AdamW on the skip branches only; the mean of {STAGE1_STEPS} steps "
+              "after a warm-up step.", "",
+              "| model, clip | tokens | trained parameters | seconds per step | peak memory, GiB | loss finite |",
+              "|---|---:|---:|---:|---:|---|",
+              f"| {stage1['what']} | {stage1['tokens']:,} | {stage1['trained']:,} | {stage1['seconds']:.3f} | "
+              f"{gib(stage1['peak'])} | {'yes' if stage1['finite'] else 'NO'} |", ""]
     return "\n".join(lines)
 
 
@@ -299,6 +364,9 @@ def main(argv=None) -> None:
     throughput = throughput_rows(shapes["latte"], args, device, dtype, cuda)
     print(f"[{time.perf_counter() - start:.0f}s] sample-many: done", file=sys.stderr, flush=True)
 
+    stage1 = stage1_row(STAGE1_TINY if args.dry else STAGE1, args, device, cuda)
+    print(f"[{time.perf_counter() - start:.0f}s] stage-1 step: done", file=sys.stderr, flush=True)
+
     latte = next((r for r in peaks if r["family"] == CHECK_FAMILY), None)
     if args.dry:
         check = "Peak check: skipped (dry run: tiny shapes on the CPU in fp32 say nothing of a GPU's bf16 peak)."
@@ -308,7 +376,7 @@ def main(argv=None) -> None:
         verdict = "PASS" if latte["share"] >= CHECK_SHARE else "FAIL"
         check = (f"Peak check: {verdict}: the uncached {latte['preset']} forward ({latte['shape']}) runs at "
                  f"{latte['share']:.1%} of the {peak_tflops:g} TFLOPS bf16 peak (required: >= {CHECK_SHARE:.0%}).")
-    text = report(args, device_name, peak_tflops, speed, peaks, throughput, shapes, check, command)
+    text = report(args, device_name, peak_tflops, speed, peaks, throughput, shapes, check, command, stage1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

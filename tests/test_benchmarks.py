@@ -10,6 +10,7 @@ from helpers import randomize
 
 from skipdit_core.loading import save_safetensors
 from skipdit_core.models import build_model, make_config
+from skipdit_core.skip_branches import branch_parameters
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -137,6 +138,10 @@ def test_gpu_script_dry_mode_runs(tmp_path):
     assert [r[0] for r in rows if r[0] in ("| uncached", "| n=2 900->50")] == ["| uncached", "| n=2 900->50"]
     assert all(float(r[4]) > 0 for r in rows if r[0] in ("| uncached", "| n=2 900->50"))
     assert "Peak check: skipped (dry run" in text and "PASS" not in text and "FAIL" not in text
+    # one stage-1 step of the Skip-Wan conversion: only the branches train, a time, a finite loss
+    (stage1,) = [r for r in rows if r[0].startswith("| Wan 2.1 tiny + 1 skips (residual)")]
+    assert int(stage1[2].replace(",", "")) == branch_parameters(1, 64) and float(stage1[3]) > 0, stage1
+    assert stage1[5] == "yes |", stage1
 
 
 def test_gpu_flop_count_by_hand():

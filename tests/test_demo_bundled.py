@@ -100,12 +100,16 @@ def test_the_trained_wan_draws_its_classes_in_their_colours():
 
 
 def test_the_skip_wan_miniature_pair_is_the_trained_wan_with_and_without_long_skips():
-    """docs/skip-wan.md: the converted Wan (15 long skips) and the vanilla one trained on as long, both from wan-shapes;
-    the Skip-Wan's non-branch tensors have the base's names and shapes, and its branches are 7% of it (width 128)."""
+    """docs/skip-wan.md: the converted Wan (15 long skips, the residual fusion; the first conversion, with the paper's
+    fusion, beside it) and the vanilla one trained on as long, all from wan-shapes; each Skip-Wan's non-branch tensors
+    have the base's names and shapes, and its branches are 7% of it (width 128)."""
     skip, ckpt = load_model(os.path.join(DEEP, "skip-wan-shapes.safetensors"))
+    first, _ = load_model(os.path.join(DEEP, "skip-wan-shapes-replace.safetensors"))
     twin, _ = load_model(os.path.join(DEEP, "wan-shapes-continued.safetensors"))
     base, _ = load_model(WAN_SHAPES)
     assert ckpt.family == "wan" and skip.stack.num_units == 30 and skip.stack.num_skips == 15
+    assert (skip.skip_fusion, first.skip_fusion) == ("residual", "replace") and first.stack.num_skips == 15
+    assert first.state_dict().keys() == skip.state_dict().keys()
     assert twin.stack.num_skips == 0
     vanilla = {k: tuple(v.shape) for k, v in base.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in twin.state_dict().items()} == vanilla

@@ -1,8 +1,8 @@
 """Skip-Cache presets, named by speed: one fixed setting per (family, long skips or not) and target speed.
 
 Each was chosen by `benchmarks/presets.py` on tuning seeds (classes x seeds 0-3 of the trained shape models:
-the realistic-depth Skip-Latte twin for Skip-DiT models, the trained 30-block Wan for models without long skips)
-and reported on held-out seeds 4-7 (docs/presets.md has the tables). The name is the target: the block compute
+the realistic-depth Skip-Latte twin for Skip-DiT models, the trained 30-block Wan for models without long skips,
+the Skip-Wan miniature for Wan with long skips) and reported on held-out seeds (docs/presets.md has the tables). The name is the target: the block compute
 is at most 0.95 / speed of an uncached run's, so the measured speedup at a large shape (where the blocks are
 nearly all the time) reaches it; docs/presets.md gives the measured figures.
 """
@@ -25,6 +25,12 @@ PRESETS: dict[tuple[str, bool], dict[str, SkipCacheConfig]] = {
         "2x": _whole(3, forecast=1, damping=0.7),
         "3x": _whole(4, forecast=2, damping=0.7, empty=2),
         "4x": _whole(5, forecast=1, damping=0.7, empty=4),
+    },
+    ("wan", True): {  # a Skip-Wan (Load Skip Branches on core Wan, or skipdit_core's), chosen on skip-wan-shapes
+        "1.5x": _whole(2, forecast=1, empty=1),
+        "2x": _whole(3, forecast=1, damping=0.7, empty=1),
+        "3x": _whole(4, forecast=1),
+        "4x": _whole(6, forecast=1, damping=0.7),
     },
     ("wan", False): {
         "1.5x": _whole(2, forecast=1, damping=0.7, empty=1),

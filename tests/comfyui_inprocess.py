@@ -651,6 +651,13 @@ def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) 
     del state
     result["residual"] = entry
 
+    # The preset input on the Skip-Wan: the presets of a Wan with long skips.
+    from skipdit_core.skip_cache_presets import PRESETS
+
+    preset = apply.execute(patched, 2, "auto", "timesteps", 700.0, 50.0, 1, 0, 1.0, 0, False, "state", "1.5x").args[0]
+    setup = preset.model_options["transformer_options"][state_mod.STATE_KEY]
+    result["preset_1.5x"] = {"config": setup.config == PRESETS[("wan", True)]["1.5x"], "settings": setup.describe_settings()}
+
     # Refusals, one line each.
     refusals = {}
     variant_class = type("VaceWanModel", (type(dm),), {})

@@ -445,6 +445,8 @@ def test_skip_branches_on_core_wan(inprocess):
     assert "error" not in fp8, fp8
     assert fp8["weights"] == "torch.float8_e4m3fn" and fp8["branches"] == "torch.float32" and fp8["finite"]
     assert fp8["rel_diff"] < 0.2, fp8
+    # the preset input: a Skip-Wan gets the presets of a Wan with long skips
+    assert r["preset_1.5x"]["config"] and r["preset_1.5x"]["settings"].startswith("preset 1.5x: n=2"), r["preset_1.5x"]
     # the residual fusion's branches (hidden + branch): the same parity, and a cached call equal to skipdit_core's
     residual = r["residual"]
     assert residual["fusion"] == "residual" and residual["differs_from_replace_rel_diff"] > 1e-2, residual

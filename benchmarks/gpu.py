@@ -16,10 +16,11 @@ Measured, bf16, random weights (speed does not depend on them), classifier-free 
 3. The uncached forward's share of the device's dense bf16 peak: `model_flops` (attention + MLP matmuls counted
    from the shapes, see `block_flops`) x 2 CFG rows x steps / the uncached run's seconds / the peak. Checked
    >= 50% at the Latte-XL/2 shape: PASS or FAIL is printed and written (a FAIL still exits 0).
-4. One stage-1 step of the Skip-Wan conversion (training/configs/convert-wan2.1-t2v-1.3B-stage1.yaml's model and
-   settings): Wan 2.1 1.3B with 15 long skips in the residual fusion, one 480p clip of 33 frames (latent 9 x 60 x
-   104, 14,040 tokens) and 512 text tokens, bf16 autocast over float32 weights, activation checkpointing of the
-   blocks, only the skip branches trained with AdamW: seconds per step (the mean of STAGE1_STEPS after one warm-up
+4. One stage-1 step of the Skip-Wan conversion: the model of training/configs/convert-wan2.1-t2v-1.3B-stage1.yaml
+   (Wan 2.1 1.3B with 15 long skips in the residual fusion) and its way of training (bf16 autocast over float32
+   weights, activation checkpointing of the blocks, AdamW on the skip branches only, a float32 EMA of the whole
+   model updated each step), on one 480p clip of 33 frames (latent 9 x 60 x 104, 14,040 tokens; the recipe's data
+   has 81 frames, 32,760 tokens) and 512 text tokens: seconds per step (the mean of STAGE1_STEPS after one warm-up
    step) and the peak memory.
 
 The attention is PyTorch's fused `scaled_dot_product_attention` already (the models and
@@ -232,21 +233,24 @@ def throughput_rows(shape: dict, args, device, dtype, cuda: bool):
 
 def stage1_row(shape: dict, args, device, cuda: bool) -> dict:
     """Seconds per stage-1 step and peak memory of the Skip-Wan conversion at `shape` (module docstring, item 4)."""
+    import copy
+
     from skipdit_core.models.wan import WAN_PRESETS
     from training.objective import make_objective
     from training.sharding import checkpoint_blocks
-    from training.train import select_trainable
+    from training.train import select_trainable, update_ema
 
     config = make_config("wan", {**WAN_PRESETS[shape["preset"]], "num_skips": shape["skips"], "skip_fusion": "residual"})
     model = build_model("wan", config).to(device).train()
     select_trainable(model, "skip_branches")
     checkpoint_blocks(model)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     objective = make_objective("wan", config, 5.0)
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(1, config.in_channels, *shape["latent"], device=device, generator=g)
     text = torch.randn(1, shape["text"], config.text_dim, device=device, generator=g)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.dry)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)  # the CPU's too in the dry run
 
     def step():
         sigma = objective.sample_timesteps(1, device, g)
@@ -257,7 +261,8 @@ def stage1_row(shape: dict, args, device, cuda: bool) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        update_ema(ema, model, 0.999)
+        return loss.detach().item()
 
     step()  # warm-up: allocator, kernels, optimizer state
     if cuda:
@@ -273,7 +278,7 @@ def stage1_row(shape: dict, args, device, cuda: bool) -> dict:
            "seconds": seconds, "peak": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "finite": all(l == l and abs(l) != float("inf") for l in losses),
            "trained": sum(q.numel() for q in model.parameters() if q.requires_grad)}
-    del model, optimizer
+    del model, optimizer, ema
     if cuda:
         torch.cuda.empty_cache()
     return row
@@ -309,9 +314,10 @@ def report(args, device_name: str, peak_tflops, speed: list, peaks: list, throug
         lines.append(f"| {r['family']} | {r['preset']}, {r['shape']} | {r['tflop_step']:.4g} | {r['ms_step']:.2f} | "
                      f"{r['tflops']:.4g} | {share} |")
     lines += ["", check, "", "## One stage-1 step of the Skip-Wan conversion", "",
-              f"training/configs/convert-wan2.1-t2v-1.3B-stage1.yaml's model: batch 1, bf16 autocast over float32 "
-              f"weights, activation checkpointing, AdamW on the skip branches only; the mean of {STAGE1_STEPS} steps "
-              "after a warm-up step.", "",
+              f"training/configs/convert-wan2.1-t2v-1.3B-stage1.yaml's model and way of training: batch 1, bf16 "
+              f"autocast over float32 weights, activation checkpointing, AdamW on the skip branches only, a float32 EMA "
+              f"of the whole model; the mean of {STAGE1_STEPS} steps after a warm-up step. The clip is 33 frames (the "
+              "recipe's data has 81).", "",
               "| model, clip | tokens | trained parameters | seconds per step | peak memory, GiB | loss finite |",
               "|---|---:|---:|---:|---:|---|",
               f"| {stage1['what']} | {stage1['tokens']:,} | {stage1['trained']:,} | {stage1['seconds']:.3f} | "

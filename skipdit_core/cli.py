@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from . import models
 from .loading import DTYPES, CheckpointError, convert_to_safetensors, inspect_checkpoint, save_safetensors
+from .models.ustack import SKIP_FUSIONS
 from .skip_cache_presets import PRESET_SPEEDS
 
 
@@ -64,7 +65,8 @@ def cmd_convert(args) -> int:
 def cmd_extract_branches(args) -> int:
     from .skip_branches import extract_branches
 
-    info = extract_branches(args.checkpoint, args.output, base=args.base, dtype=DTYPES[args.dtype] if args.dtype else None)
+    info = extract_branches(args.checkpoint, args.output, base=args.base, dtype=DTYPES[args.dtype] if args.dtype else None,
+                            fusion=args.fusion)
     print(f"wrote {args.output}: the {info.num_skips} skip branches alone (attach them with --skip-branches, or "
           "ComfyUI's Load Skip Branches)")
     print("\n".join(info.lines()[1:]))
@@ -527,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("-o", "--output", required=True, help="the branches file (.safetensors)")
     ext.add_argument("--base", help="the base model the Skip-Wan was trained from (recorded in the file, e.g. its file name)")
     ext.add_argument("--dtype", choices=list(DTYPES), help="cast the branch weights (default: as in the checkpoint)")
+    ext.add_argument("--fusion", choices=list(SKIP_FUSIONS),
+                     help="the skip fusion, for a checkpoint whose metadata does not say it (default: its metadata's, else "
+                          "replace, the paper's); a value that contradicts the metadata is refused")
     ext.set_defaults(func=cmd_extract_branches)
 
     new = sub.add_parser("new", help="write a freshly initialised model of a preset (a starting point for training)")

@@ -57,6 +57,9 @@ class Checkpoint:
     container: Optional[str] = None  # e.g. "ema" when the weights came from checkpoint["ema"]
     layout: str = "original"  # or "diffusers" (mapped on read)
     set_aside: dict = field(default_factory=dict)  # the family's optional keys found in the file (unused)
+    # The fusion of its long skips when the file's metadata (or the caller) says it, None when only the weights were
+    # read: the keys are the same for both fusions (ustack.SKIP_FUSIONS).
+    skip_fusion: Optional[str] = None
 
     def describe(self) -> dict:
         n_params = sum(t.numel() for t in self.state_dict.values())
@@ -240,8 +243,9 @@ def inspect_checkpoint(
         )
     if family not in models.FAMILIES:
         raise CheckpointError(path, f"unknown family {family!r}; known: {', '.join(models.FAMILIES)}")
+    from_metadata = META_CONFIG in metadata and metadata.get(META_FAMILY) == family
     try:
-        if META_CONFIG in metadata and metadata.get(META_FAMILY) == family:
+        if from_metadata:
             base = models.FAMILIES[family].config_cls(**json.loads(metadata[META_CONFIG]))
             config = models.make_config(family, overrides, base=base)
         else:
@@ -251,7 +255,9 @@ def inspect_checkpoint(
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"cannot derive a {family} config: {e}") from None
     sd, set_aside = _set_aside_optional(sd, family, config, path)
-    return Checkpoint(path, sd, family, config, container, layout, set_aside)
+    fusion_known = from_metadata or "skip_fusion" in (overrides or {})  # metadata older than the field: the paper's
+    fusion = getattr(config, "skip_fusion", None) if fusion_known else None
+    return Checkpoint(path, sd, family, config, container, layout, set_aside, fusion)
 
 
 def _original_layout(sd: dict, path: str) -> tuple[dict, str]:

@@ -142,7 +142,7 @@ def _skip_wan_state_dict(source) -> tuple[dict, Optional[str], Optional[int], Op
         ckpt = inspect_checkpoint(source)
         if ckpt.family != FAMILY:
             raise BranchFileError(ckpt.path, f"a {ckpt.family} checkpoint: skip branches are extracted from a Skip-Wan")
-        return ckpt.state_dict, ckpt.path, ckpt.config.in_channels, ckpt.config.skip_fusion
+        return ckpt.state_dict, ckpt.path, ckpt.config.in_channels, ckpt.skip_fusion  # None: the file does not say
     from .models import wan
 
     sd = dict(source)
@@ -186,7 +186,8 @@ def extract_branches(skip_model_or_state_dict, path: Union[str, os.PathLike], *,
                      dtype: Optional[torch.dtype] = None, fusion: Optional[str] = None) -> BranchInfo:
     """Write the skip branches of a Skip-Wan (our `WanModel` with num_skips > 0, its state dict in any layout the
     loader reads, or a checkpoint file) to `path`; `base` names the model it was trained from. The fusion comes from
-    the model's or the file's config; a bare state dict needs `fusion` when it is not the paper's. Returns its info."""
+    the model's config or the file's metadata; a state dict, or a file without our metadata, needs `fusion` when it
+    is not the paper's ("replace"). Returns its info."""
     sd, source, in_channels, own_fusion = _skip_wan_state_dict(skip_model_or_state_dict)
     if fusion is not None and own_fusion is not None and fusion != own_fusion:
         raise ValueError(f"fusion={fusion!r} given, but {source or 'the model'} has skip_fusion {own_fusion!r}")

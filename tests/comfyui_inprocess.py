@@ -137,16 +137,19 @@ def skip_cache(node, model, n, start=1000.0, end=0.0, depth=1, forecast=0, forec
 
 
 def run_two_threads(work) -> list:
-    """work(i) in two threads at once (MultiGPU CFG Split's two device workers): the repr of what each raised."""
+    """work(i, barrier) in two threads at once (MultiGPU CFG Split's two device workers), `barrier` a 2-party
+    threading.Barrier they may wait on: the repr of what each raised. A thread that raises breaks the barrier, so the
+    other fails at its next wait instead of waiting forever."""
     import threading
 
-    errors = []
+    errors, barrier = [], threading.Barrier(2)
 
     def worker(i):
         try:
-            work(i)
+            work(i, barrier)
         except BaseException as e:  # noqa: BLE001
             errors.append(repr(e))
+            barrier.abort()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for th in threads:
@@ -526,7 +529,6 @@ def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) 
     same weights: the same output; Apply Skip-Cache after it cutting the long skips (n = 1 identical, 2k of L blocks
     on cached steps, a cached call equal to skipdit_core's cut run, the depth checked against S); LoRA, fp8 base
     weights, two threads; and the refusals."""
-    import threading
     import types
 
     import torch
@@ -569,9 +571,9 @@ def core_wan_branches(nodes, pack, loader, apply, state_mod, base_dir, records) 
     result["outputs_left_in_options"] = branch_mod.STORE_KEY in call_options or branch_mod.STORE_KEY in options
 
     # Two threads at once (MultiGPU CFG Split's device workers), each with its own copy of the options.
-    threaded, barrier = [None, None], threading.Barrier(2)
+    threaded = [None, None]
 
-    def worker(i):
+    def worker(i, barrier):
         barrier.wait()
         with torch.no_grad():
             threaded[i] = dm(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], transformer_options=dict(options))
@@ -721,8 +723,6 @@ def thread_check(nodes, pack, loader, apply) -> dict:
     """Two threads driving one patched model at once, as MultiGPU CFG Split's device workers do (cond in
     one, uncond in the other, the same run), against the same calls made one after the other: with our
     Latte and with core Hunyuan-DiT's block patches. Outputs must be identical."""
-    import threading
-
     import torch
 
     state_mod = sys.modules[pack.__name__ + ".nodes.cache_state"]
@@ -758,9 +758,8 @@ def thread_check(nodes, pack, loader, apply) -> dict:
                 sequential[i][s] = call(run, i, sigma)
         run = setup.new_run()
         threaded = [[None] * len(sigmas) for _ in range(2)]
-        barrier = threading.Barrier(2)
 
-        def device(i):
+        def device(i, barrier):
             for s, sigma in enumerate(sigmas):
                 barrier.wait()  # both devices inside the same step
                 threaded[i][s] = call(run, i, sigma)

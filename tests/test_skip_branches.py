@@ -16,7 +16,7 @@ from torch import nn
 from helpers import randomize
 from nodes.branch_patch import BRANCHES_KEY, STORE_KEY, SkipBranchPatch, SkipBranchSet
 from skipdit_core.cli import main as cli_main
-from skipdit_core.loading import CheckpointError, save_safetensors
+from skipdit_core.loading import CheckpointError, inspect_checkpoint, save_safetensors
 from skipdit_core.models.wan import WAN_PRESETS, WanConfig, WanModel
 from skipdit_core.pipeline import Request, generate
 from skipdit_core.skip_branches import (
@@ -102,6 +102,11 @@ def test_extract_from_a_state_dict_a_comfyui_prefixed_one_and_a_file(skip_wan, f
     other = "replace" if fusion == "residual" else "residual"
     with pytest.raises(ValueError, match=f"fusion='{other}' given, but .* has skip_fusion '{fusion}'"):
         extract_branches(str(full), tmp_path / "wrong.safetensors", fusion=other)
+    # a file without our metadata does not say its fusion (the keys are the same for both): unknown, not guessed
+    bare = tmp_path / "bare-skip-wan.safetensors"
+    save_file({k: v.contiguous() for k, v in skip_wan.state_dict().items()}, str(bare))
+    assert inspect_checkpoint(str(bare), overrides={"num_heads": 4}).skip_fusion is None
+    assert inspect_checkpoint(str(full)).skip_fusion == fusion
     half = extract_branches(skip_wan, tmp_path / "half.safetensors", dtype=torch.float16)
     assert half.dtypes == ("float16",)
     # fp16 branches on an fp32 base: cast to the base's dtype, as loading the whole Skip-Wan at fp32 would
@@ -195,16 +200,18 @@ def test_bad_files_are_refused_naming_file_key_and_values(skip_wan, files, tmp_p
 
 
 def test_cli_extract_info_and_sample_with_skip_branches(files, capsys):
-    root, full, base, _, _ = files
+    root, full, base, _, made = files
     out = root / "cli-branches.safetensors"
-    assert cli_main(["extract-branches", str(full), "-o", str(out), "--base", "wan-base.safetensors"]) == 0
+    assert cli_main(["extract-branches", str(full), "-o", str(out), "--base", "wan-base.safetensors",
+                     "--fusion", made.fusion]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}: the 2 skip branches alone" in printed and "% of the Skip-Wan's" in printed
     assert cli_main(["info", str(out)]) == 0
-    assert "skips       2: blocks 0..1 feed blocks 5..4" in capsys.readouterr().out
+    assert f"skips       2: blocks 0..1 feed blocks 5..4, {made.fusion} fusion" in capsys.readouterr().out
     assert cli_main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert (info["format"], info["num_skips"], info["base"]) == (FORMAT, 2, "wan-base.safetensors")
+    assert (info["format"], info["num_skips"], info["base"], info["skip_fusion"]) == (
+        FORMAT, 2, "wan-base.safetensors", made.fusion)
     assert 0 < info["fraction"] < 0.1
     emb = root / "prompt.safetensors"
     save_file({"prompt_embeds": torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))}, str(emb))

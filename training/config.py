@@ -6,8 +6,8 @@ model:                 # what is trained
   preset: Latte-tiny   # a preset of the family (optional)
   config: {skip: true} # config field overrides (after the preset / the pretrained config)
   init_from: null      # a pretrained checkpoint; a vanilla one becomes Skip-DiT with new skip branches
-  skip_init: paper     # new skip branches: paper (the family's init) | pass_through (calibrated to pass the
-                       # hidden state on, training/convert.py)
+  skip_init: paper     # new skip branches: paper (the family's init) | pass_through (pass the hidden state on:
+                       # exactly with config.skip_fusion: residual, calibrated with the paper's; training/convert.py)
 data: {type: moving_shapes, num_frames: 8, size: 32}   # keyword arguments of training.data.build_dataset
 train: {...}           # TrainSection below
 sample: {...}          # SampleSection below (optional videos during training)

@@ -38,6 +38,9 @@ def calibrate_pass_through(model: nn.Module, run_forward) -> list[tuple[float, f
     of `model` on a calibration batch) reaches that branch. Returns [(sigma, mu)] per branch, in branch order.
 
     Every process must call it on the same batch (the statistics are not reduced across processes)."""
+    if getattr(model, "skip_fusion", "replace") != "replace":
+        raise ValueError(f"the calibrated pass-through is for the paper's (replace) fusion; the model has "
+                         f"{model.skip_fusion!r}: use exact_pass_through")
     norms, linears = model.skip_norms, model.skip_linears
     stats: dict[int, tuple[float, float]] = {}
     fuse = type(model).fuse

@@ -75,6 +75,11 @@ def _build_model(cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, list[str
     if ckpt.family != spec.family:
         raise ValueError(f"{source}: a {ckpt.family} checkpoint, but model.family is {spec.family}")
     config = models.make_config(spec.family, spec.config, spec.preset, base=ckpt.config)
+    has_branches = any(k.startswith(SKIP_PREFIXES) for k in ckpt.state_dict)
+    if has_branches and ckpt.skip_fusion is not None and ckpt.skip_fusion != getattr(config, "skip_fusion", None):
+        raise ValueError(f"{source}: its skip branches were trained with the {ckpt.skip_fusion!r} fusion, but "
+                         f"model.config.skip_fusion is {config.skip_fusion!r}: the same weights would compute another "
+                         f"model (set skip_fusion: {ckpt.skip_fusion})")
     model = models.build_model(spec.family, config)
     expected, sd = model.state_dict(), ckpt.state_dict
     new = [k for k in expected if k not in sd]

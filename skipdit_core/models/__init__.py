@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from . import dit, hunyuan, latte, latte_t2v, wan
+from . import dit, hunyuan, latte, latte_t2v, ustack, wan
 from .dit import DiT, DiTConfig
 from .hunyuan import HunyuanDiT, HunyuanDiTConfig
 from .latte import Latte, LatteConfig
@@ -108,6 +108,8 @@ def make_config(family: str, overrides: Optional[dict] = None, preset: Optional[
         if key not in known:
             raise ValueError(f"{fam.config_cls.__name__} has no field {key!r}; fields: {', '.join(sorted(known))}")
     values.update(overrides or {})
+    if "skip_fusion" in values:  # a model without long skips never builds its branches, so check it here
+        ustack.check_skip_fusion(values["skip_fusion"])
     return fam.config_cls(**values)
 
 

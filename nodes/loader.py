@@ -9,16 +9,14 @@ all-in-one checkpoint) is delegated to ComfyUI's own Hunyuan-DiT model.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 
 import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from skipdit_core.loading import CheckpointError, inspect_checkpoint, read_state_dict
+from skipdit_core.loading import CheckpointError, inspect_checkpoint, read_state_dict, safetensors_header
 from skipdit_core.models import hunyuan as core_hunyuan
 
 from . import adapters
@@ -50,18 +48,8 @@ def checkpoint_path(name: str) -> str:
 
 def _safetensors_keys(path: str):
     """The tensor names of a .safetensors file from its header alone, or None for other files."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            (size,) = struct.unpack("<Q", head)
-            if size > 100_000_000:
-                return None
-            header = json.loads(f.read(size))
-        return [k for k in header if k != "__metadata__"]
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
+    header = safetensors_header(path)
+    return None if header is None else [k for k in header if k != "__metadata__"]
 
 
 def _core_hunyuan(sd: dict, path: str, weight_dtype: str, layout: str):

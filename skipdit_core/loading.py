@@ -101,6 +101,23 @@ def _sniff(path: str) -> str:
     return "unknown"
 
 
+def safetensors_header(path: str | os.PathLike) -> Optional[dict]:
+    """The JSON header of a .safetensors file (its tensor entries and "__metadata__"), read without the tensors; None
+    when the file cannot be read as one (missing, too short, another format, a header over 100 MB)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (size,) = struct.unpack("<Q", head)
+            if size > 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def _read_safetensors(path: str) -> tuple[dict, dict]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:

@@ -21,17 +21,17 @@ line naming the file, the key and the expected / found values), `attach_branches
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .loading import CheckpointError, _read_safetensors, _sniff, inspect_checkpoint, write_safetensors
+from .loading import (
+    CheckpointError, _read_safetensors, _sniff, inspect_checkpoint, safetensors_header, write_safetensors,
+)
 from .models.ustack import UStack, check_skip_fusion
 
 FORMAT = "skipdit-skip-branches"
@@ -254,18 +254,8 @@ def _info(path: str, metadata: dict, sd: dict) -> BranchInfo:
 
 def is_branches_file(path: Union[str, os.PathLike]) -> bool:
     """True when `path` is a .safetensors file whose metadata names the skip-branches format (header read only)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return False
-            (size,) = struct.unpack("<Q", head)
-            if size > 100_000_000:
-                return False
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(header, dict) and (header.get("__metadata__") or {}).get(META_FORMAT) == FORMAT
+    header = safetensors_header(path)
+    return header is not None and (header.get("__metadata__") or {}).get(META_FORMAT) == FORMAT
 
 
 def load_branches(path: Union[str, os.PathLike], num_layers: Optional[int] = None, dim: Optional[int] = None,

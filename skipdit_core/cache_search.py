@@ -13,10 +13,11 @@ PSNR to the model's own uncached output, and every table carries the spread over
 - Among the candidates within the budget, those closest to the budget go on (a much cheaper setting
   rarely wins at a budget), then successive halving: all are scored on the first trajectories, the better
   half goes on to twice as many, until one is left or the time budget is spent; the ranking is always by
-  the mean over the same trajectories.
+  the mean over the same trajectories. A setting is scored once per trajectory: a round adds only the
+  trajectories it had not been scored on.
 
 `benchmarks/presets.py` makes the presets of `skip_cache_presets.py` with this search on tuning seeds and
-reports them on held-out seeds; `skipdit analyze --budget` runs it on the user's own model.
+reports them on held-out seeds; `skipdit analyze --speed` runs it on the user's own model.
 """
 from __future__ import annotations
 
@@ -93,16 +94,26 @@ class Reference:
         return self.timesteps
 
 
-def score(model, config: SkipCacheConfig, ref: Reference, count: int) -> dict:
-    """PSNR / SSIM of `config` against the uncached frames on the first `count` requests: mean, min, max."""
+def _trajectory_scores(model, config: SkipCacheConfig, ref: Reference, indices) -> tuple[list[float], list[float]]:
+    """(PSNRs, SSIMs) of `config` against the uncached frames of the requests at `indices`."""
     psnrs, ssims = [], []
-    for i in range(count):
+    for i in indices:
         req = ref.requests[i]
         frames = to_frames(req.family, generate(model, req, config).sample).clamp(-1, 1)
         psnrs.append(min(psnr(ref.get(i), frames), 99.0))  # identical = 99 dB
         ssims.append(ssim(ref.get(i), frames))
+    return psnrs, ssims
+
+
+def _summary(psnrs: list[float], ssims: list[float]) -> dict:
+    count = len(psnrs)
     return {"psnr": sum(psnrs) / count, "psnr_min": min(psnrs), "psnr_max": max(psnrs),
             "ssim": sum(ssims) / count, "ssim_min": min(ssims), "ssim_max": max(ssims), "trajectories": count}
+
+
+def score(model, config: SkipCacheConfig, ref: Reference, count: int) -> dict:
+    """PSNR / SSIM of `config` against the uncached frames on the first `count` requests: mean, min, max."""
+    return _summary(*_trajectory_scores(model, config, ref, range(count)))
 
 
 def search(model, requests: Sequence[Request], budget: float, candidates: Sequence[SkipCacheConfig],
@@ -126,19 +137,27 @@ def search(model, requests: Sequence[Request], budget: float, candidates: Sequen
     if not within:
         cheapest = min(f for f, _ in costed) if costed else math.nan
         raise ValueError(f"no candidate uses at most {budget:.0%} of the block compute (the cheapest uses {cheapest:.0%})")
-    alive = [{"config": c, "compute": f} for f, c in within]
+    # (row, its PSNRs, its SSIMs so far): each round scores a setting only on the trajectories it has not seen
+    alive = [({"config": c, "compute": f}, [], []) for f, c in within]
     count, started = min(first, len(requests)), time.perf_counter()
     while True:
-        for row in alive:
-            row.update(score(model, row["config"], ref, count))
-        alive.sort(key=lambda r: (-r["psnr"], -r["ssim"]))
-        log(f"{count} trajectories: best {alive[0]['config'].describe()} {alive[0]['psnr']:.2f} dB of {len(alive)}")
+        round_started = time.perf_counter()
+        for row, psnrs, ssims in alive:
+            more_psnrs, more_ssims = _trajectory_scores(model, row["config"], ref, range(len(psnrs), count))
+            psnrs += more_psnrs
+            ssims += more_ssims
+            row.update(_summary(psnrs, ssims))
+        alive.sort(key=lambda entry: (-entry[0]["psnr"], -entry[0]["ssim"]))
+        best = alive[0][0]
+        log(f"{count} trajectories: best {best['config'].describe()} {best['psnr']:.2f} dB of {len(alive)}")
         if count == len(requests):
             break
-        spent = time.perf_counter() - started
-        if seconds is not None and spent * 2.2 > seconds:  # the next round scores half the settings on twice the data
+        now = time.perf_counter()
+        spent = now - started
+        # the next round scores half the settings on as many new trajectories each: about this round's time
+        if seconds is not None and spent + 1.1 * (now - round_started) > seconds:
             log(f"time budget: stopping after {spent:.0f} s with {count} of {len(requests)} trajectories")
             break
         alive = alive[: max(1, len(alive) // 2)]
         count = min(2 * count, len(requests))
-    return alive
+    return [row for row, _, _ in alive]

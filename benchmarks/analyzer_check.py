@@ -24,7 +24,7 @@ from fidelity import class_requests  # noqa: E402
 
 from skipdit_core.cache_search import Reference, block_compute, candidates, score, search  # noqa: E402
 from skipdit_core.loading import load_model  # noqa: E402
-from skipdit_core.skip_cache_presets import PRESET_SPEEDS, preset_config  # noqa: E402
+from skipdit_core.skip_cache_presets import BUDGET_MARGIN, PRESET_SPEEDS, preset_config, speed_budget  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--report-seeds", type=int, nargs="+", default=[4, 5, 6, 7])
     p.add_argument("--targets", nargs="+", default=list(PRESET_SPEEDS))
     p.add_argument("--seconds", type=float, default=600.0, help="the analyzer's time budget per target")
-    p.add_argument("--margin", type=float, default=0.95)
+    p.add_argument("--margin", type=float, default=BUDGET_MARGIN)
     args = p.parse_args()
 
     torch.set_grad_enabled(False)
@@ -53,8 +53,7 @@ def main() -> None:
           "held-out PSNR dB (min..max) | preset - suggestion |")
     print("|---|---|---:|---|---|---:|---|---:|")
     for name in args.targets:
-        speed = float(name.rstrip("x"))
-        suggestion = search(model, user, args.margin / speed, candidates(skips), seconds=args.seconds,
+        suggestion = search(model, user, speed_budget(name, args.margin), candidates(skips), seconds=args.seconds,
                             reference=user_ref)[0]["config"]
         preset = preset_config(family, skips, name)
         rows = []

@@ -26,9 +26,9 @@ sys.path.insert(0, HERE)
 
 from fidelity import class_requests  # noqa: E402
 
-from skipdit_core.cache_search import Reference, candidates, search, score  # noqa: E402
+from skipdit_core.cache_search import Reference, candidates, score, search  # noqa: E402
 from skipdit_core.loading import load_model  # noqa: E402
-from skipdit_core.skip_cache_presets import PRESET_SPEEDS  # noqa: E402
+from skipdit_core.skip_cache_presets import BUDGET_MARGIN, PRESET_SPEEDS, speed_budget  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--report-seeds", type=int, nargs="+", default=[4, 5, 6, 7])
     p.add_argument("--targets", nargs="+", default=list(PRESET_SPEEDS), help="preset names, e.g. 1.5x 2x 3x 4x")
-    p.add_argument("--margin", type=float, default=0.95, help="budget = margin / speed, in block compute")
+    p.add_argument("--margin", type=float, default=BUDGET_MARGIN, help="budget = margin / speed, in block compute")
     p.add_argument("--keep", type=int, default=8, help="candidates closest to the budget that enter the search")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -61,9 +61,8 @@ def main() -> None:
     tune_ref, report_ref = Reference(model, tune), Reference(model, report)
     rows = []
     for name in args.targets:
-        speed = float(name.rstrip("x"))
         started = time.perf_counter()
-        ranked = search(model, tune, args.margin / speed, cands, keep=args.keep, reference=tune_ref,
+        ranked = search(model, tune, speed_budget(name, args.margin), cands, keep=args.keep, reference=tune_ref,
                         log=lambda line: print(f"  [{name}] {line}", flush=True))
         best = ranked[0]
         held = score(model, best["config"], report_ref, len(report))

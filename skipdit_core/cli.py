@@ -12,7 +12,7 @@ from . import __version__
 from . import models
 from .loading import DTYPES, CheckpointError, convert_to_safetensors, inspect_checkpoint, save_safetensors
 from .models.ustack import SKIP_FUSIONS
-from .skip_cache_presets import PRESET_SPEEDS
+from .skip_cache_presets import BUDGET_MARGIN, PRESET_SPEEDS
 
 
 
@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--max-lag", type=int, default=5, help="largest reuse distance tried (interval up to max-lag + 1)")
     analyze.add_argument("-o", "--output", default="outputs/feature-dynamics.png", help="the heatmap PNG")
     analyze.add_argument("--speed", default="2x", help="the speed to suggest a setting for, e.g. 1.5x, 2x, 3x, 4x")
-    analyze.add_argument("--margin", type=float, default=0.95,
+    analyze.add_argument("--margin", type=float, default=BUDGET_MARGIN,
                          help="block-compute budget = margin / speed (room for what is not blocks)")
     analyze.add_argument("--classes", type=int, nargs="+",
                          help="class labels of the trajectories the setting is chosen on (default: --label)")
@@ -726,10 +726,9 @@ def _suggest_from_trajectories(args, model, req, family: str) -> None:
     from dataclasses import replace
 
     from .cache_search import Reference, block_compute, candidates, score, search
-    from .skip_cache_presets import PRESETS
+    from .skip_cache_presets import PRESETS, speed_budget
 
-    speed = float(args.speed.rstrip("x"))
-    budget = args.margin / speed
+    budget = speed_budget(args.speed, args.margin)
     classes = args.classes if args.classes else [req.label]
     reqs = [replace(req, label=c, seed=s) for c in classes for s in args.seeds]
     skips = model.stack.num_skips > 0

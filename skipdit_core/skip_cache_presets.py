@@ -11,6 +11,21 @@ from __future__ import annotations
 from .skip_cache import SkipCacheConfig
 
 PRESET_SPEEDS = ("1.5x", "2x", "3x", "4x")
+# A speed X gets margin / X of the block compute: the rest is left to what is not blocks (embedders, the final layer,
+# the forecast), so the measured speedup at a large shape reaches X.
+BUDGET_MARGIN = 0.95
+
+
+def speed_budget(speed: str, margin: float = BUDGET_MARGIN) -> float:
+    """The block-compute budget of a target speed such as "1.5x" or "3x": margin / speed."""
+    try:
+        value = float(speed.rstrip("x"))
+    except ValueError:
+        raise ValueError(f"a speed is a number followed by x, e.g. 1.5x or 3x; got {speed!r}") from None
+    if not value > 0:
+        raise ValueError(f"a speed must be positive, got {speed!r}")
+    return margin / value
+
 
 # (family, has long skips) -> preset name -> setting
 def _whole(interval: int, forecast: int = 0, damping: float = 1.0, empty: int = 0) -> SkipCacheConfig:

@@ -10,7 +10,7 @@ from skipdit_core.cache_search import Reference, block_compute, candidates, scor
 from skipdit_core.models import build_model, make_config
 from skipdit_core.pipeline import Request
 from skipdit_core.skip_cache import SkipCacheConfig, simulate
-from skipdit_core.skip_cache_presets import PRESET_SPEEDS, PRESETS, preset_config, preset_names
+from skipdit_core.skip_cache_presets import PRESET_SPEEDS, PRESETS, preset_config, preset_names, speed_budget
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,14 @@ def test_presets_are_named_by_speed_and_within_their_budget():
             units = 14 if family == "latte" else 30
             f = block_compute(config, ts, units, units // 2 if skips else 0, family)
             assert f <= 1 / float(name[:-1]), (family, name, f)
+
+
+def test_a_speed_gives_its_block_compute_budget():
+    assert speed_budget("2x") == pytest.approx(0.475) and speed_budget("1.5x", margin=1.0) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"a speed is a number followed by x, e.g. 1.5x or 3x; got 'fast'"):
+        speed_budget("fast")
+    with pytest.raises(ValueError, match=r"a speed must be positive, got '0x'"):
+        speed_budget("0x")
 
 
 def test_preset_errors_name_the_model_kind_and_what_exists():

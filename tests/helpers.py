@@ -1,4 +1,4 @@
-"""Shared test helpers: deterministic random weights and tolerant comparisons."""
+"""Shared test helpers: deterministic random weights, tolerant comparisons, waiting on a training run."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +26,20 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> N
     err = (ours.double() - ref.double()).abs().max().item()
     scale = ref.double().abs().max().item()
     assert err <= rtol * scale, f"max abs error {err:.3e} > {rtol} x max abs {scale:.3e}"
+
+
+def wait_for_checkpoint(latest, at_least: str, seconds: float, proc, what: str) -> None:
+    """Wait until the training run `proc` has named a step folder >= `at_least` in its checkpoints/latest file
+    (`latest`, a Path), polling; fail the test if the run ends first or `seconds` pass."""
+    import time
+
+    import pytest
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if latest.exists() and latest.read_text() >= at_least:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"{what} ended (code {proc.returncode}) before its second checkpoint")
+        time.sleep(0.05)
+    pytest.fail(f"{what} never wrote its second checkpoint")

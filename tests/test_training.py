@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 pytest.importorskip("accelerate", reason="training needs accelerate: pip install -e .[train]")
 from accelerate.utils import set_seed  # noqa: E402
 
-from helpers import randomize  # noqa: E402
+from helpers import randomize, wait_for_checkpoint  # noqa: E402
 from skipdit_core import models  # noqa: E402
 from skipdit_core.loading import load_model, save_safetensors  # noqa: E402
 from training.config import ConfigError, from_dict, load_config  # noqa: E402
@@ -190,14 +189,8 @@ def test_sigkill_then_resume_continues_from_the_last_save(tmp_path):
     cmd = [sys.executable, "-m", "training.train", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:  # kill it once it has saved twice (mid-run, maybe mid-save)
-            if latest.exists() and latest.read_text() >= "step-00000006":
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the training run never wrote its second checkpoint")
+    try:  # kill it once it has saved twice (mid-run, maybe mid-save)
+        wait_for_checkpoint(latest, "step-00000006", 120, proc, "the training run")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("accelerate", reason="training needs accelerate: pip install -e .[train]")
 
-from helpers import randomize  # noqa: E402
+from helpers import randomize, wait_for_checkpoint  # noqa: E402
 from skipdit_core import models  # noqa: E402
 from skipdit_core.loading import load_model, save_safetensors  # noqa: E402
 from training.config import from_dict  # noqa: E402
@@ -108,16 +107,8 @@ def test_fsdp_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     killed = subprocess.Popen(launch(killed_cfg), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # kill it once it has saved twice (mid-run, maybe mid-save)
-            if latest.exists() and latest.read_text() >= "step-00000004":
-                break
-            if killed.poll() is not None:
-                pytest.fail(f"the FSDP run ended (code {killed.returncode}) before its second checkpoint")
-            time.sleep(0.05)
-        else:
-            pytest.fail("the FSDP run never wrote its second checkpoint")
+    try:  # kill it once it has saved twice (mid-run, maybe mid-save)
+        wait_for_checkpoint(latest, "step-00000004", 240, killed, "the FSDP run")
     finally:
         kill_tree(killed)
     saved = int(latest.read_text().split("-")[1])
